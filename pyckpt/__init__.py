@@ -1,0 +1,55 @@
+"""pyckpt: load, rename and convert PyTorch checkpoints fast and without running pickle.
+
+Importing pyckpt is cheap: it imports neither the native extension nor CUDA; everything
+below is loaded on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import CheckpointError, KeyCollisionError, UnsafeCheckpointError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "KeyCollisionError",
+    "UnsafeCheckpointError",
+    "backend",
+    "backend_info",
+    "load",
+    "load_state_dict",
+]
+
+if TYPE_CHECKING:
+    from ._backend import BackendInfo
+    from .loading import load
+    from .module_loading import load_state_dict
+
+_LAZY = {"load": "loading", "load_state_dict": "module_loading"}
+
+
+def backend() -> str:
+    """``"native"`` or ``"python"``: which backend this process uses."""
+    from ._backend import backend_info as info
+
+    return info().name
+
+
+def backend_info() -> BackendInfo:
+    """Which backend runs, and why the native extension is not in use when it is not."""
+    from ._backend import backend_info as info
+
+    return info()
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'pyckpt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+    globals()[name] = value
+    return value

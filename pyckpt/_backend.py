@@ -1,0 +1,161 @@
+"""The one guarded import of the native extension, and the two backends behind one face.
+
+``PYCKPT_DISABLE_EXT=1`` forces the pure-Python backend; ``PYCKPT_REQUIRE_EXT=1`` turns a
+missing or broken extension into an ImportError instead of a silent fallback (CI sets it).
+``backend_info()`` always says which backend runs and why the extension is not in use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import ExtensionUnavailableError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .index.checkpoint import CheckpointIndex
+    from .index.interpret import Interpreter
+    from .index.records import ZipEntry
+    from .index.source import Source
+    from .plan import StoragePlan
+
+
+class Backend(Protocol):
+    name: str
+
+    def zip_entries(self, source: Source) -> list[ZipEntry]: ...
+
+    def unpickle(self, data: bytes, interpreter: Interpreter, *, start: int = 0) -> tuple[Any, int]: ...
+
+    def map_file(self, source: Source) -> torch.UntypedStorage:
+        """The whole file as one private (copy-on-write) mapping."""
+        ...
+
+    def read_into(self, source: Source, jobs: list[tuple[int, torch.Tensor]]) -> None:
+        """Fill each contiguous host tensor with the file bytes starting at its offset."""
+        ...
+
+    def read_storages_to_device(
+        self, index: CheckpointIndex, plans: list[StoragePlan]
+    ) -> dict[str, torch.UntypedStorage]:
+        """Storages on accelerator devices, keyed by storage key."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    extension_loaded: bool
+    reason: str | None
+    extension_path: str | None
+
+
+class _SharedPaths:
+    """What both backends do the same way."""
+
+    def read_storages_to_device(
+        self, index: CheckpointIndex, plans: list[StoragePlan]
+    ) -> dict[str, torch.UntypedStorage]:
+        from torch.serialization import default_restore_location
+
+        from .execute.cpu import read_storages
+
+        # One storage at a time, so host memory holds one staged storage, not the checkpoint.
+        result = {}
+        for plan in plans:
+            key = plan.record.key
+            staged = read_storages(index, [plan.record], self)  # type: ignore[arg-type]
+            result[key] = default_restore_location(staged.pop(key), plan.location)
+        return result
+
+
+class PythonBackend(_SharedPaths):
+    name = "python"
+
+    def map_file(self, source: Source) -> torch.UntypedStorage:
+        import torch
+
+        return torch.UntypedStorage.from_file(source.path, False, source.size)
+
+    def read_into(self, source: Source, jobs: list[tuple[int, torch.Tensor]]) -> None:
+        for offset, tensor in jobs:
+            source.readinto(offset, memoryview(tensor.numpy()))
+
+    def zip_entries(self, source: Source) -> list[ZipEntry]:
+        from .index.py_zip import read_zip_entries
+
+        return read_zip_entries(source)
+
+    def unpickle(self, data: bytes, interpreter: Interpreter, *, start: int = 0) -> tuple[Any, int]:
+        from .index.py_unpickler import unpickle
+
+        return unpickle(data, interpreter, start=start)
+
+
+class NativeBackend(_SharedPaths):
+    name = "native"
+
+    def __init__(self, module: ModuleType) -> None:
+        self.module = module
+
+    def zip_entries(self, source: Source) -> list[ZipEntry]:
+        from .index.native_bridge import zip_entries
+
+        return zip_entries(self.module, source)
+
+    def unpickle(self, data: bytes, interpreter: Interpreter, *, start: int = 0) -> tuple[Any, int]:
+        from .index.native_bridge import unpickle
+
+        return unpickle(self.module, data, interpreter, start=start)
+
+
+_state: tuple[Backend, BackendInfo] | None = None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _load() -> tuple[Backend, BackendInfo]:
+    if _env_flag("PYCKPT_DISABLE_EXT"):
+        return PythonBackend(), BackendInfo("python", False, "disabled by PYCKPT_DISABLE_EXT=1", None)
+    try:
+        from . import _native  # type: ignore[attr-defined]
+    except ImportError as exc:
+        reason = f"the extension pyckpt._native could not be imported: {exc}"
+        if _env_flag("PYCKPT_REQUIRE_EXT"):
+            raise ExtensionUnavailableError(f"{reason} (PYCKPT_REQUIRE_EXT=1 forbids the fallback)") from exc
+        return PythonBackend(), BackendInfo("python", False, reason, None)
+    return NativeBackend(_native), BackendInfo("native", True, None, getattr(_native, "__file__", None))
+
+
+def _ensure() -> tuple[Backend, BackendInfo]:
+    global _state
+    if _state is None:
+        _state = _load()
+    return _state
+
+
+def current_backend() -> Backend:
+    return _ensure()[0]
+
+
+def backend_info() -> BackendInfo:
+    return _ensure()[1]
+
+
+def python_backend() -> Backend:
+    return PythonBackend()
+
+
+def native_backend() -> Backend | None:
+    """The native backend if the extension imports (ignoring PYCKPT_DISABLE_EXT), for parity tests."""
+    try:
+        from . import _native  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return NativeBackend(_native)

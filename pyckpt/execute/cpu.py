@@ -1,0 +1,106 @@
+"""Copy storage bytes into host memory that already exists.
+
+Stored records are read by the backend (in parallel, without the GIL, on the native one);
+deflate records are inflated in a stream that never produces more than the destination
+holds; big-endian data is swapped in place afterwards.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import CheckpointError
+from ..index.checkpoint import CheckpointIndex
+from ..index.records import METHOD_DEFLATE, StorageRecord
+from ..index.source import Source
+
+if TYPE_CHECKING:
+    from .._backend import Backend
+
+INFLATE_CHUNK = 4 << 20
+
+
+@dataclass(slots=True)
+class CopyJob:
+    """Copy ``dest.numel()`` bytes of ``record``, starting ``start`` bytes into it, to ``dest``."""
+
+    record: StorageRecord
+    start: int
+    dest: torch.Tensor  # contiguous uint8, host memory
+
+
+def run_copy_jobs(source: Source, jobs: list[CopyJob], backend: Backend) -> None:
+    stored: list[tuple[int, torch.Tensor]] = []
+    for job in jobs:
+        if job.start + job.dest.numel() > job.record.nbytes:
+            raise CheckpointError(
+                f"copy of {job.dest.numel()} bytes at {job.start} passes the end of storage "
+                f"'{job.record.key}' ({job.record.nbytes} bytes)",
+                record=job.record.record,
+            )
+        if job.dest.numel() == 0:
+            continue
+        if job.record.method == METHOD_DEFLATE:
+            inflate_into(source, job.record, job.start, memoryview(job.dest.numpy()))
+        else:
+            stored.append((job.record.data_offset + job.start, job.dest))
+    if stored:
+        backend.read_into(source, stored)
+
+
+def read_storages(
+    index: CheckpointIndex, records: list[StorageRecord], backend: Backend
+) -> dict[str, torch.UntypedStorage]:
+    """Fresh host storages holding ``records``' bytes in native byte order, by storage key."""
+    buffers = {record.key: allocate_bytes(record.nbytes, record) for record in records}
+    run_copy_jobs(index.source, [CopyJob(r, 0, buffers[r.key]) for r in records], backend)
+    result = {key: buffer.untyped_storage() for key, buffer in buffers.items()}
+    for record in records:
+        if record.byteswap:
+            result[record.key].byteswap(record.dtype)
+    return result
+
+
+def allocate_bytes(nbytes: int, record: StorageRecord | None = None) -> torch.Tensor:
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    except RuntimeError as exc:
+        what = f" for storage '{record.key}'" if record is not None else ""
+        raise CheckpointError(
+            f"cannot allocate {nbytes} bytes{what}: {exc}", record=record.record if record else None
+        ) from None
+
+
+def inflate_into(source: Source, record: StorageRecord, start: int, dest: memoryview) -> None:
+    """Inflate ``record`` and keep bytes ``[start, start + len(dest))``; never inflate past them."""
+    inflater = zlib.decompressobj(-15)
+    end = start + len(dest)
+    produced = 0  # bytes of the record inflated so far
+    consumed = 0
+    pending = b""
+    try:
+        while produced < end and not inflater.eof:
+            if not pending and consumed < record.stored_size:
+                take = min(INFLATE_CHUNK, record.stored_size - consumed)
+                pending = source.read(record.data_offset + consumed, take)
+                consumed += take
+            out = inflater.decompress(pending, min(end - produced, INFLATE_CHUNK))
+            pending = inflater.unconsumed_tail
+            if not out and not pending and consumed >= record.stored_size:
+                break  # input exhausted and nothing more comes out
+            lo = max(start - produced, 0)
+            if lo < len(out):
+                at = produced + lo - start
+                dest[at : at + len(out) - lo] = out[lo:]
+            produced += len(out)
+    except zlib.error as exc:
+        raise CheckpointError(f"corrupt deflate data: {exc}", record=record.record) from None
+    if produced < end:
+        raise CheckpointError(
+            f"deflate data inflates to {produced} bytes, fewer than the {end} the storage needs",
+            record=record.record,
+        )

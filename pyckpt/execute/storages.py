@@ -1,0 +1,64 @@
+"""Turn planned storages into ``torch.UntypedStorage`` objects on their target devices."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._device import MapLocation
+from ..index.checkpoint import CheckpointIndex
+from ..plan import HOW_MAP, HOW_META, HOW_READ, HOW_RESTORE, StoragePlan
+from .cpu import read_storages
+
+if TYPE_CHECKING:
+    from .._backend import Backend
+
+
+def execute_plan(
+    index: CheckpointIndex,
+    plans: dict[str, StoragePlan],
+    map_location: MapLocation,
+    backend: Backend,
+) -> dict[str, torch.UntypedStorage]:
+    result: dict[str, torch.UntypedStorage] = {}
+    mapped = [p for p in plans.values() if p.how == HOW_MAP]
+    if mapped:
+        mapping = backend.map_file(index.source)
+        for plan in mapped:
+            record = plan.record
+            result[record.key] = mapping[record.data_offset : record.data_offset + record.nbytes]
+
+    to_read = [p for p in plans.values() if p.how in (HOW_READ, HOW_RESTORE)]
+    cpu_targets = [p for p in to_read if p.device is None or p.device.type == "cpu"]
+    device_targets = [p for p in to_read if p.device is not None and p.device.type != "cpu"]
+    if cpu_targets:
+        result.update(read_storages(index, [p.record for p in cpu_targets], backend))
+    if device_targets:
+        result.update(backend.read_storages_to_device(index, device_targets))
+
+    for plan in plans.values():
+        record = plan.record
+        if plan.how == HOW_META:
+            result[record.key] = torch.UntypedStorage(record.nbytes, device="meta")
+        elif plan.how == HOW_RESTORE:
+            result[record.key] = _restore(result[record.key], plan, map_location)
+    return result
+
+
+def _restore(storage: torch.UntypedStorage, plan: StoragePlan, map_location: MapLocation) -> torch.UntypedStorage:
+    """Other devices and callables: torch's own restore logic, on a CPU storage."""
+    from torch.serialization import default_restore_location
+
+    location = plan.record.location
+    if plan.location is not None:
+        restored: Any = default_restore_location(storage, plan.location)
+    else:
+        restored = map_location(storage, location)  # type: ignore[operator]
+        if restored is None:
+            restored = default_restore_location(storage, location)
+    if isinstance(restored, torch.storage.TypedStorage):
+        restored = restored._untyped_storage
+    if not isinstance(restored, torch.UntypedStorage):
+        raise TypeError(f"map_location returned {type(restored).__name__}, not a storage")
+    return restored

@@ -1,0 +1,68 @@
+"""Stage 1 of the pipeline: index a checkpoint without reading tensor bytes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import CheckpointError
+from .checkpoint import FORMAT_LEGACY, FORMAT_TORCHSCRIPT, FORMAT_ZIP, CheckpointIndex
+from .legacy_format import index_legacy, looks_legacy
+from .source import FileArg, Source, open_source
+from .zip_format import index_zip
+
+if TYPE_CHECKING:
+    from .._backend import Backend
+
+__all__ = [
+    "FORMAT_LEGACY",
+    "FORMAT_TORCHSCRIPT",
+    "FORMAT_ZIP",
+    "CheckpointIndex",
+    "index_checkpoint",
+    "index_source",
+]
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def index_checkpoint(f: FileArg, backend: Backend | None = None) -> CheckpointIndex:
+    """Open ``f`` and index it; the index owns the open source (close it, or use ``with``)."""
+    source = open_source(f)
+    try:
+        return index_source(source, backend)
+    except BaseException:
+        source.close()
+        raise
+
+
+def index_source(source: Source, backend: Backend | None = None) -> CheckpointIndex:
+    if backend is None:
+        from .._backend import current_backend
+
+        backend = current_backend()
+    try:
+        return _dispatch(source, backend)
+    except CheckpointError as exc:
+        raise exc.located(path=source.display)
+    except RecursionError:
+        raise CheckpointError("object tree nests too deeply", path=source.display) from None
+
+
+def _dispatch(source: Source, backend: Backend) -> CheckpointIndex:
+    if source.size == 0:
+        raise CheckpointError("file is empty")
+    head = source.read(0, min(source.size, 512))
+    if head.startswith(LFS_POINTER):
+        raise CheckpointError(
+            "this is a Git LFS pointer file, not the checkpoint itself (run `git lfs pull`)"
+        )
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return index_zip(source, backend)
+    if looks_legacy(head):
+        return index_legacy(source, backend)
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        raise CheckpointError(
+            "this is the pre-1.0 tar checkpoint format, which cannot be read without running "
+            "pickle (torch refuses it under weights_only=True as well)"
+        )
+    raise CheckpointError(f"not a PyTorch checkpoint (unknown format, starts with {head[:8]!r})")

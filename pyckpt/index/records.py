@@ -1,0 +1,144 @@
+"""What an index holds: the storage table and the object tree's special leaves.
+
+Both backends build exactly these records (the parity tests compare them), and nothing in
+them has read a tensor byte. Plain values (dicts, lists, numbers, strings, dtypes,
+``torch.Size``...) appear in the object tree as themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+METHOD_STORED = 0
+METHOD_DEFLATE = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ZipEntry:
+    """One entry of a zip central directory, with its data offset already resolved."""
+
+    name: str
+    method: int
+    flags: int
+    crc32: int
+    compressed_size: int
+    size: int
+    header_offset: int
+    data_offset: int
+
+
+@dataclass(eq=False, slots=True)
+class StorageRecord:
+    """One storage of the checkpoint: where its bytes are and what they are.
+
+    ``nbytes`` is what the pickle declares; ``stored_size`` is how many bytes the file
+    holds for it (compressed size for DEFLATE records). ``record`` is the zip record name
+    (None for the legacy format, whose storages are not zip records).
+    """
+
+    key: str
+    dtype: torch.dtype
+    nbytes: int
+    location: str
+    record: str | None
+    data_offset: int
+    stored_size: int
+    method: int = METHOD_STORED
+    crc32: int | None = None
+    byteswap: bool = False
+
+    @property
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def mappable(self, alignment: int = 64) -> bool:
+        """Stored raw, in file byte order, at an aligned offset: safe to hand out as a view."""
+        return (
+            self.method == METHOD_STORED
+            and not self.byteswap
+            and self.data_offset % alignment == 0
+        )
+
+
+@dataclass(eq=False, slots=True)
+class TensorRecord:
+    """A dense tensor over a storage (``_rebuild_tensor``, ``_v2`` or ``_v3``)."""
+
+    storage: StorageRecord
+    dtype: torch.dtype
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    requires_grad: bool = False
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.size:
+            n *= s
+        return n
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.size), reversed(self.stride)):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+
+@dataclass(eq=False, slots=True)
+class ParameterRecord:
+    """``torch.nn.Parameter`` around ``data`` (``_rebuild_parameter[_with_state]`` or NEWOBJ)."""
+
+    data: Any
+    requires_grad: bool = True
+    state: Any = None
+
+
+@dataclass(eq=False, slots=True)
+class StorageRef:
+    """A storage that appears as a value of its own (not under a tensor): a TypedStorage."""
+
+    storage: StorageRecord
+    dtype: torch.dtype
+
+
+@dataclass(eq=False, slots=True)
+class CallRecord:
+    """A call of an allowlisted function the index does not interpret itself.
+
+    Materialising it calls torch's own function (as ``torch.load(weights_only=True)``
+    would) once the storages among ``args`` exist. ``build_states`` collects BUILD states.
+    """
+
+    func: Any
+    args: tuple[Any, ...]
+    new_object: bool = False
+    build_states: list[Any] = field(default_factory=list)
+
+    @property
+    def func_name(self) -> str:
+        return f"{getattr(self.func, '__module__', '?')}.{getattr(self.func, '__name__', '?')}"
+
+
+@dataclass(eq=False, slots=True)
+class ScriptObject:
+    """An instance of a TorchScript class (``__torch__.*``), built without running any code."""
+
+    qualified_name: str
+    state: dict[str, Any] | None = None
+
+
+TENSOR_REBUILD_PREFIXES = ("torch._utils._rebuild_", "torch._tensor._rebuild_from_type")
+
+
+def is_tensor_like(value: Any) -> bool:
+    """Whether the value materialises as a tensor (for deciding which mappings are state dicts)."""
+    if isinstance(value, (TensorRecord, ParameterRecord, torch.Tensor)):
+        return True
+    return isinstance(value, CallRecord) and value.func_name.startswith(TENSOR_REBUILD_PREFIXES)

@@ -1,0 +1,105 @@
+"""Index the torch zip format (``torch.save`` since 1.6) and TorchScript archives."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import CheckpointError
+from .checkpoint import FORMAT_TORCHSCRIPT, FORMAT_ZIP, CheckpointIndex, read_small_record
+from .interpret import Interpreter
+from .records import StorageRecord
+from .source import Source
+
+if TYPE_CHECKING:
+    from .._backend import Backend
+
+PICKLE_LIMIT = 1 << 31
+
+
+def index_zip(source: Source, backend: Backend) -> CheckpointIndex:
+    entries_list = backend.zip_entries(source)
+    if not entries_list:
+        raise CheckpointError("zip archive has no records, so it is not a torch checkpoint")
+    first = entries_list[0].name
+    if "/" not in first:
+        raise CheckpointError(f"zip records are not under a top folder (first record '{first}')")
+    top = first.split("/", 1)[0]
+    entries = {entry.name: entry for entry in entries_list}
+    data_name = f"{top}/data.pkl"
+    if data_name not in entries:
+        raise CheckpointError(f"no '{data_name}' record: this zip is not a torch checkpoint")
+    torchscript = f"{top}/constants.pkl" in entries
+
+    byteorder = "little"
+    byteorder_entry = entries.get(f"{top}/byteorder")
+    if byteorder_entry is not None:
+        value = read_small_record(source, byteorder_entry, limit=16)
+        if value not in (b"little", b"big"):
+            raise CheckpointError(f"unknown byte order {value[:16]!r}", record=byteorder_entry.name)
+        byteorder = value.decode()
+
+    storages: dict[str, StorageRecord] = {}
+
+    def persistent_load(key: str, dtype: torch.dtype, location: str, numel: int, view: Any) -> StorageRecord:
+        if view is not None:
+            raise CheckpointError(f"storage '{key}' is a legacy storage view, which the zip format never writes")
+        known = storages.get(key)
+        if known is not None:
+            return known
+        name = f"{top}/data/{key}"
+        entry = entries.get(name)
+        if entry is None:
+            raise CheckpointError(f"storage '{key}' has no record", record=name)
+        nbytes = numel * dtype.itemsize
+        if nbytes > entry.size:
+            raise CheckpointError(
+                f"storage declares {numel} x {dtype.itemsize}-byte elements ({nbytes} bytes) "
+                f"but the record holds {entry.size}",
+                record=name,
+            )
+        record = StorageRecord(
+            key=key,
+            dtype=dtype,
+            nbytes=nbytes,
+            location=location,
+            record=name,
+            data_offset=entry.data_offset,
+            stored_size=entry.compressed_size,
+            method=entry.method,
+            crc32=entry.crc32,
+            byteswap=byteorder == "big" and _swap_width(dtype) > 1,
+        )
+        storages[key] = record
+        return record
+
+    pickle_bytes = read_small_record(source, entries[data_name], limit=PICKLE_LIMIT)
+    interpreter = Interpreter(persistent_load, torchscript=torchscript)
+    try:
+        root, _ = backend.unpickle(pickle_bytes, interpreter)
+    except CheckpointError as exc:
+        raise exc.located(record=exc.record or data_name)
+    index = CheckpointIndex(
+        source=source,
+        format=FORMAT_TORCHSCRIPT if torchscript else FORMAT_ZIP,
+        root=root,
+        storages=storages,
+        byteorder=byteorder,
+        top_folder=top,
+        entries=entries,
+    )
+    if torchscript:
+        from .torchscript import script_state_dict
+
+        index.root = script_state_dict(index)
+    return index
+
+
+def _swap_width(dtype: torch.dtype) -> int:
+    return dtype.itemsize // 2 if dtype.is_complex else dtype.itemsize
+
+
+def swap_width(record: StorageRecord) -> int:
+    """Bytes per swapped unit when a big-endian storage is brought to native order."""
+    return _swap_width(record.dtype)

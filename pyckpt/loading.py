@@ -1,0 +1,82 @@
+"""``pyckpt.load``: the pipeline index -> rename -> plan -> execute -> objects."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from ._backend import current_backend
+from ._device import MapLocation, check_map_location
+from .errors import CheckpointError
+from .execute import execute_plan
+from .index import index_checkpoint
+from .index.source import FileArg
+from .plan import plan_storages
+from .rename import AUTO, RenameRules, make_key_map, rename_tree
+from .sinks.objects import build_objects
+
+UNSAFE_WARNING = (
+    "pyckpt.load(weights_only=False) hands the file to torch.load with pickle enabled: "
+    "a malicious checkpoint can run arbitrary code. Only use it on files you trust."
+)
+
+
+def load(
+    f: FileArg,
+    map_location: MapLocation = None,
+    *,
+    weights_only: bool = True,
+    mmap: bool | None = None,
+    strip_prefix: str | None = None,
+    rename: RenameRules | None = None,
+) -> Any:
+    """Load a checkpoint like ``torch.load(f, weights_only=True)``, without running pickle.
+
+    Args:
+        f: a path, or a binary file-like object.
+        map_location: where storages go; torch's forms (None, str, device, dict, callable).
+        weights_only: False hands the file to ``torch.load`` (runs pickle; trusted files only).
+        mmap: None lets pyckpt choose (mapped on CPU when it can), True maps every record
+            stored raw and aligned (others are read), False gives tensors their own memory.
+        strip_prefix: None, a prefix such as ``"module."``, or ``"auto"`` for wrapper prefixes.
+        rename: ``(regex, replacement)`` pairs applied with ``re.sub`` after ``strip_prefix``.
+    """
+    check_map_location(map_location)
+    key_map = make_key_map(_check_strip_prefix(strip_prefix), _check_rules(rename))
+    is_path = isinstance(f, (str, os.PathLike))
+    if mmap and not is_path:
+        raise ValueError("f must be a file path in order to use the mmap argument")
+    if not weights_only:
+        warnings.warn(UNSAFE_WARNING, UserWarning, stacklevel=2)
+        obj = torch.load(f, map_location=map_location, weights_only=False, mmap=mmap)
+        return rename_tree(obj, key_map)
+    backend = current_backend()
+    with index_checkpoint(f, backend) as index:
+        try:
+            root = rename_tree(index.root, key_map)
+            plans = plan_storages(root, map_location, mmap=mmap, can_map=index.source.path is not None)
+            storages = execute_plan(index, plans, map_location, backend)
+            return build_objects(root, storages)
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+
+
+def _check_strip_prefix(strip_prefix: Any) -> str | None:
+    if strip_prefix is None or strip_prefix == AUTO:
+        return strip_prefix
+    if isinstance(strip_prefix, str):
+        return strip_prefix
+    raise TypeError(f"strip_prefix must be None, 'auto' or a prefix string, not {type(strip_prefix).__name__}")
+
+
+def _check_rules(rename: Any) -> RenameRules | None:
+    if rename is None:
+        return None
+    if isinstance(rename, (str, bytes)) or not all(
+        isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], str) for rule in rename
+    ):
+        raise TypeError("rename must be a list of (regex, replacement) pairs")
+    return [(pattern, replacement) for pattern, replacement in rename]

@@ -1,0 +1,226 @@
+"""``pyckpt.load_state_dict``: a checkpoint into an existing model, whatever the wrapping.
+
+The checkpoint's state dict is found (``key=``, ``state_dict``, ``model``...), its keys are
+matched to the model's through the wrapper prefixes on either side, and the bytes go
+straight into the parameters' and buffers' own memory wherever layouts agree. The rest
+(dtype changes, odd layouts, modules with custom loading) is staged as zero-copy views
+where possible. Finally ``model.load_state_dict`` runs, so ``strict``, ``assign``, hooks,
+error messages and the returned ``_IncompatibleKeys`` are torch's own; the directly
+filled entries are passed as the parameters themselves, which torch's copy skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._backend import current_backend
+from ._device import MapLocation, check_map_location
+from .errors import CheckpointError
+from .execute import execute_plan
+from .execute.cpu import CopyJob, run_copy_jobs
+from .index import index_checkpoint
+from .index.checkpoint import CheckpointIndex
+from .index.records import ParameterRecord, TensorRecord
+from .index.source import FileArg
+from .plan import check_view, plan_storages
+from .rename import is_state_dict, rename_state_dict, strip_auto
+from .sinks.objects import build_objects
+
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+
+# Modules whose own _load_from_state_dict only adds or adjusts bookkeeping entries and then
+# copies parameters like nn.Module does, so their parameters may be filled directly.
+_DIRECT_FILL_SAFE_LOADERS = {nn.Module._load_from_state_dict}
+try:
+    from torch.nn.modules.batchnorm import _NormBase
+
+    _DIRECT_FILL_SAFE_LOADERS.add(_NormBase._load_from_state_dict)
+except ImportError:  # pragma: no cover - torch layout change
+    pass
+
+
+def load_state_dict(
+    model: nn.Module,
+    f: FileArg,
+    *,
+    strict: bool = True,
+    map_location: MapLocation = None,
+    key: str | None = None,
+    assign: bool = False,
+) -> Any:
+    """Load a checkpoint into ``model`` like ``model.load_state_dict(torch.load(f))``.
+
+    Wrapper prefixes are resolved in both directions (a DataParallel/DDP, ``torch.compile``
+    or FSDP checkpoint into a plain model and the reverse), the state dict is found inside
+    training checkpoints, and tensors are written straight into the model's memory.
+
+    Args:
+        model: the module to fill.
+        f: a path or a binary file-like object.
+        strict: as in ``nn.Module.load_state_dict``.
+        map_location: where checkpoint tensors that cannot be written directly are staged
+            (default: host memory, mapped where possible).
+        key: the entry of a training checkpoint that holds the state dict.
+        assign: as in ``nn.Module.load_state_dict``: the checkpoint's tensors replace the
+            parameters (they keep the parameters' ``requires_grad``).
+
+    Returns:
+        torch's ``_IncompatibleKeys`` (``missing_keys``, ``unexpected_keys``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
+    check_map_location(map_location)
+    backend = current_backend()
+    with index_checkpoint(f, backend) as index:
+        try:
+            state_dict = find_state_dict(index.root, key)
+            targets = model.state_dict(keep_vars=True)
+            state_dict = rename_state_dict(
+                state_dict, key_matcher(state_dict, targets), module_map=module_matcher(model)
+            )
+            values = _direct_fill(index, state_dict, targets, model, backend) if not assign else {}
+            staged = {k: v for k, v in state_dict.items() if k not in values}
+            staged_location = "cpu" if map_location is None else map_location
+            plans = plan_storages(staged, staged_location, mmap=None, can_map=index.source.path is not None)
+            storages = execute_plan(index, plans, staged_location, backend)
+            built = build_objects(staged, storages)
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+    final = type(state_dict)()
+    for name in state_dict:
+        final[name] = values[name] if name in values else built[name]
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        final._metadata = metadata  # type: ignore[attr-defined]
+    return model.load_state_dict(final, strict=strict, assign=assign)
+
+
+def find_state_dict(root: Any, key: str | None) -> dict[str, Any]:
+    """The model's state dict inside a checkpoint: ``root[key]``, the root, or a known entry."""
+    if key is not None:
+        if not isinstance(root, Mapping) or key not in root:
+            available = ", ".join(repr(k) for k in root) if isinstance(root, Mapping) else "none"
+            raise CheckpointError(f"no entry {key!r} in the checkpoint (top-level entries: {available})")
+        if not is_state_dict(root[key]):
+            raise CheckpointError(f"entry {key!r} is not a mapping of names to tensors")
+        return root[key]
+    if is_state_dict(root):
+        return root
+    if isinstance(root, Mapping):
+        for candidate in STATE_DICT_KEYS:
+            if candidate in root and is_state_dict(root[candidate]):
+                return root[candidate]
+        found = [k for k, v in root.items() if is_state_dict(v)]
+        if len(found) == 1:
+            return root[found[0]]
+        if found:
+            raise CheckpointError(
+                f"several entries hold state dicts ({', '.join(map(repr, found))}); choose one with key="
+            )
+        raise CheckpointError(
+            "no state dict found in the checkpoint (top-level entries: "
+            f"{', '.join(repr(k) for k in root)}); name it with key="
+        )
+    raise CheckpointError(f"the checkpoint holds a {type(root).__name__}, not a state dict")
+
+
+def key_matcher(state_dict: Mapping[str, Any], targets: Mapping[str, Any]):  # type: ignore[no-untyped-def]
+    """Map checkpoint keys onto the model's through wrapper prefixes on either side."""
+    wanted = set(targets)
+    by_canonical: dict[str, str | None] = {}
+    for name in targets:
+        canonical = strip_auto(name)
+        by_canonical[canonical] = None if canonical in by_canonical else name
+
+    def match(name: str) -> str:
+        if name in wanted:
+            return name
+        found = by_canonical.get(strip_auto(name))
+        return found if found is not None else name
+
+    return match
+
+
+def module_matcher(model: nn.Module):  # type: ignore[no-untyped-def]
+    """Map checkpoint module paths (``_metadata``) onto the model's; the innermost wins."""
+    paths = [name for name, _ in model.named_modules()]
+    present = set(paths)
+    by_canonical = {_canonical_module(path): path for path in paths}
+
+    def match(path: str) -> str:
+        if path in present:
+            return path
+        return by_canonical.get(_canonical_module(path), path)
+
+    return match
+
+
+def _canonical_module(path: str) -> str:
+    return strip_auto(path + ".")[:-1] if path else ""
+
+
+def _direct_fill(
+    index: CheckpointIndex,
+    state_dict: Mapping[str, Any],
+    targets: Mapping[str, Any],
+    model: nn.Module,
+    backend: Any,
+) -> dict[str, torch.Tensor]:
+    """Write checkpoint bytes straight into matching host parameters; returns what was filled."""
+    owners = _owners_allowing_direct_fill(model)
+    jobs: list[CopyJob] = []
+    filled: dict[str, torch.Tensor] = {}
+    for name, value in state_dict.items():
+        target = targets.get(name)
+        record = value.data if isinstance(value, ParameterRecord) else value
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        if not (isinstance(record, TensorRecord) and owner in owners and _fillable(record, target)):
+            continue
+        check_view(record, name)
+        start = record.storage_offset * record.dtype.itemsize
+        dest = target.detach().reshape(-1).view(torch.uint8)
+        jobs.append(CopyJob(record.storage, start, dest))
+        filled[name] = target
+    with torch.no_grad():
+        run_copy_jobs(index.source, jobs, backend)
+    return filled
+
+
+def _fillable(record: TensorRecord, target: Any) -> bool:
+    return (
+        isinstance(target, torch.Tensor)
+        and not isinstance(target, nn.parameter.UninitializedTensorMixin)
+        and type(target) in (torch.Tensor, nn.Parameter)
+        and target.device.type == "cpu"
+        and target.layout == torch.strided
+        and not target.is_quantized
+        and target.dtype == record.dtype
+        and tuple(target.shape) == record.size
+        and target.is_contiguous()
+        and record.is_contiguous()
+        and not record.metadata
+        and not record.storage.byteswap
+        and not target.is_conj()
+        and not target.is_neg()
+    )
+
+
+def _owners_allowing_direct_fill(model: nn.Module) -> set[str]:
+    """Module paths whose parameters may be written directly (default loading, no pre-hooks)."""
+    allowed: set[str] = set()
+    blocked_prefixes: list[str] = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        if getattr(module, "_load_state_dict_pre_hooks", None):
+            blocked_prefixes.append(path)
+        if type(module)._load_from_state_dict not in _DIRECT_FILL_SAFE_LOADERS:
+            continue
+        allowed.add(path)
+    return {
+        path
+        for path in allowed
+        if not any(path == p or path.startswith(p + ".") or p == "" for p in blocked_prefixes)
+    }

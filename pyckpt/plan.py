@@ -1,0 +1,140 @@
+"""Stage 3 of the pipeline: decide which storage bytes go where, and check every view.
+
+The plan is made from the index alone. It names each storage once (so views and tied
+weights keep sharing one storage wherever it lands) and checks every tensor against the
+storage it views, so that no later stage can be asked to read or expose a byte outside a
+record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._device import MapLocation, location_device, target_location
+from .errors import CheckpointError
+from .index.records import CallRecord, ParameterRecord, StorageRecord, StorageRef, TensorRecord
+
+MAX_NESTING = 512
+INT64_MAX = (1 << 63) - 1
+
+HOW_MAP = "map"  # zero-copy view of the file mapping (CPU)
+HOW_READ = "read"  # read (or inflate) into fresh memory on the target device
+HOW_META = "meta"  # no bytes at all
+HOW_RESTORE = "restore"  # read on CPU, then torch's restore logic (other devices, callables)
+
+
+@dataclass(eq=False, slots=True)
+class StoragePlan:
+    record: StorageRecord
+    how: str
+    device: torch.device | None
+    location: str | None
+
+
+def iter_records(root: Any) -> Iterator[tuple[str, Any]]:
+    """Every tensor-ish record in the tree with a readable key path, depth-checked."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, str, int]] = [(root, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise CheckpointError(f"object tree nests deeper than {MAX_NESTING} levels", key=path or None)
+        if isinstance(value, (TensorRecord, StorageRef)):
+            yield path, value
+            continue
+        if id(value) in seen:
+            continue
+        if isinstance(value, ParameterRecord):
+            seen.add(id(value))
+            yield path, value
+            stack.append((value.data, path, depth + 1))
+            if value.state is not None:
+                stack.append((value.state, path, depth + 1))
+        elif isinstance(value, CallRecord):
+            seen.add(id(value))
+            yield path, value
+            stack.extend((arg, path, depth + 1) for arg in reversed(value.args))
+            stack.extend((state, path, depth + 1) for state in value.build_states)
+        elif isinstance(value, dict):
+            seen.add(id(value))
+            items = list(value.items())
+            for key, item in reversed(items):
+                stack.append((item, _join(path, key), depth + 1))
+                if not isinstance(key, (str, int, float, bool, type(None))):
+                    stack.append((key, _join(path, key), depth + 1))
+            extra = getattr(value, "__dict__", None)
+            if extra:
+                stack.append((extra, path, depth + 1))
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            seen.add(id(value))
+            for i, item in reversed(list(enumerate(value))):
+                stack.append((item, f"{path}[{i}]", depth + 1))
+
+
+def _join(path: str, key: Any) -> str:
+    text = key if isinstance(key, str) else repr(key)
+    return f"{path}/{text}" if path else text
+
+
+def check_view(tensor: TensorRecord, key: str) -> None:
+    """The view must stay inside its storage, with no arithmetic overflowing int64."""
+    storage = tensor.storage
+    itemsize = tensor.dtype.itemsize
+    if itemsize == 0:
+        raise CheckpointError(f"dtype {tensor.dtype} has no byte size", key=key or None)
+    numel = 1
+    extent = 0
+    for size, stride in zip(tensor.size, tensor.stride):
+        numel *= size
+        if size:
+            extent += (size - 1) * stride
+    if numel > INT64_MAX or tensor.storage_offset + extent > INT64_MAX:
+        raise CheckpointError(
+            f"shape {list(tensor.size)} with stride {list(tensor.stride)} overflows int64", key=key or None
+        )
+    if numel == 0:
+        return
+    needed = (tensor.storage_offset + extent + 1) * itemsize
+    if needed > storage.nbytes:
+        raise CheckpointError(
+            f"view (offset {tensor.storage_offset}, shape {list(tensor.size)}, stride "
+            f"{list(tensor.stride)}, {itemsize}-byte {tensor.dtype}) needs {needed} bytes but "
+            f"storage '{storage.key}' has {storage.nbytes}",
+            key=key or None,
+        )
+
+
+def plan_storages(
+    root: Any, map_location: MapLocation, *, mmap: bool | None, can_map: bool
+) -> dict[str, StoragePlan]:
+    """Check every view in ``root`` and plan each storage it uses, keyed by storage key."""
+    plans: dict[str, StoragePlan] = {}
+    for path, record in iter_records(root):
+        if isinstance(record, TensorRecord):
+            check_view(record, path)
+            storage = record.storage
+        elif isinstance(record, StorageRef):
+            storage = record.storage
+        else:
+            continue
+        if storage.key not in plans:
+            plans[storage.key] = _plan_one(storage, map_location, mmap=mmap, can_map=can_map)
+    return plans
+
+
+def _plan_one(storage: StorageRecord, map_location: MapLocation, *, mmap: bool | None, can_map: bool) -> StoragePlan:
+    location = target_location(map_location, storage.location)
+    if location is None:
+        return StoragePlan(storage, HOW_RESTORE, None, None)
+    device = location_device(location)
+    if device is None:
+        return StoragePlan(storage, HOW_RESTORE, None, location)
+    if device.type == "meta":
+        return StoragePlan(storage, HOW_META, device, location)
+    if device.type == "cpu" and mmap is not False and can_map and storage.mappable():
+        return StoragePlan(storage, HOW_MAP, device, location)
+    return StoragePlan(storage, HOW_READ, device, location)

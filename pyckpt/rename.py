@@ -1,0 +1,198 @@
+"""Stage 2 of the pipeline: rename state-dict keys (pure Python over strings).
+
+A *state dict* here is any string-keyed mapping whose values are all tensors, wherever it
+sits in the object tree. Other mappings (optimizer state keyed by ints, hyperparameters)
+are left alone. Key order is kept, ``_metadata`` is renamed consistently, and two keys that
+would become one are refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .errors import KeyCollisionError
+from .index.records import is_tensor_like
+
+LEADING_WRAPPERS = ("module.", "_orig_mod.")
+INNER_WRAPPERS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+AUTO = "auto"
+
+RenameRules = Sequence[tuple[Union[str, "re.Pattern[str]"], str]]
+KeyMap = Callable[[str], str]
+
+
+def strip_auto(key: str) -> str:
+    """Remove a leading run of ``module.`` / ``_orig_mod.`` and every FSDP/checkpoint segment."""
+    while key.startswith(LEADING_WRAPPERS):
+        key = key[key.index(".") + 1 :]
+    if any(segment in key for segment in INNER_WRAPPERS):
+        key = ".".join(part for part in key.split(".") if part not in INNER_WRAPPERS)
+    return key
+
+
+def make_key_map(strip_prefix: str | None, rename: RenameRules | None) -> KeyMap | None:
+    """The key function for ``strip_prefix`` and ``rename``, or None when both are off."""
+    steps: list[KeyMap] = []
+    if strip_prefix == AUTO:
+        steps.append(strip_auto)
+    elif strip_prefix:
+        prefix = strip_prefix
+
+        def strip_one(key: str) -> str:
+            return key[len(prefix) :] if key.startswith(prefix) else key
+
+        steps.append(strip_one)
+    for pattern, replacement in rename or ():
+        compiled = re.compile(pattern) if isinstance(pattern, str) else pattern
+        steps.append(lambda key, c=compiled, r=replacement: c.sub(r, key))
+    if not steps:
+        return None
+
+    def key_map(key: str) -> str:
+        for step in steps:
+            key = step(key)
+        return key
+
+    return key_map
+
+
+@dataclass
+class RenameReport:
+    renamed: int = 0
+    mappings: int = 0
+    examples: list[tuple[str, str]] = field(default_factory=list)
+
+
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def is_state_dict(value: Any) -> bool:
+    """A non-empty mapping of names to tensors (``*._extra_state`` entries may be anything)."""
+    return (
+        isinstance(value, dict)
+        and len(value) > 0
+        and all(type(k) is str for k in value)
+        and all(is_tensor_like(v) or k.endswith(EXTRA_STATE_SUFFIX) for k, v in value.items())
+    )
+
+
+def rename_tree(root: Any, key_map: KeyMap | None, report: RenameReport | None = None) -> Any:
+    """Rename every state dict inside ``root`` (the tree is rebuilt only where it changes)."""
+    if key_map is None:
+        return root
+    report = report if report is not None else RenameReport()
+    return _rename(root, key_map, report, {})
+
+
+def _rename(value: Any, key_map: KeyMap, report: RenameReport, done: dict[int, Any]) -> Any:
+    if id(value) in done:
+        return done[id(value)]
+    if is_state_dict(value):
+        result = rename_state_dict(value, key_map, report)
+    elif isinstance(value, dict):
+        result = value
+        for key, item in value.items():
+            new_item = _rename(item, key_map, report, done)
+            if new_item is not item:
+                if result is value:
+                    result = _copy_mapping(value)
+                result[key] = new_item
+    elif isinstance(value, list):
+        items = [_rename(item, key_map, report, done) for item in value]
+        result = value if all(a is b for a, b in zip(items, value)) else items
+    elif isinstance(value, tuple):
+        items = [_rename(item, key_map, report, done) for item in value]
+        result = value if all(a is b for a, b in zip(items, value)) else tuple(items)
+    else:
+        result = value
+    done[id(value)] = result
+    return result
+
+
+def _copy_mapping(value: dict[Any, Any]) -> dict[Any, Any]:
+    copy = type(value)(value)
+    extra = getattr(value, "__dict__", None)
+    if extra:
+        copy.__dict__.update(extra)
+    return copy
+
+
+def rename_state_dict(
+    state_dict: dict[str, Any],
+    key_map: KeyMap,
+    report: RenameReport | None = None,
+    *,
+    module_map: KeyMap | None = None,
+) -> dict[str, Any]:
+    """One state dict with renamed keys (same mapping type, ``_metadata`` renamed too).
+
+    ``module_map`` renames ``_metadata``'s module paths; by default a path ``p`` goes where
+    the key ``p + "."`` goes.
+    """
+    result = type(state_dict)()
+    origin: dict[str, str] = {}
+    renamed = 0
+    for key, value in state_dict.items():
+        new_key = key_map(key)
+        if new_key in origin:
+            raise KeyCollisionError(
+                f"keys '{origin[new_key]}' and '{key}' would both be renamed to '{new_key}'", key=key
+            )
+        origin[new_key] = key
+        result[new_key] = value
+        if new_key != key:
+            renamed += 1
+            if report is not None and len(report.examples) < 5:
+                report.examples.append((key, new_key))
+    extra = dict(getattr(state_dict, "__dict__", {}))
+    metadata = extra.pop("_metadata", None)
+    if extra:
+        result.__dict__.update(extra)
+    if metadata is not None:
+        result._metadata = rename_metadata(  # type: ignore[attr-defined]
+            metadata, module_map or module_map_for(key_map)
+        )
+    if report is not None:
+        report.renamed += renamed
+        report.mappings += 1
+    return result
+
+
+def module_map_for(key_map: KeyMap) -> KeyMap:
+    """Module paths renamed the way their parameters are: ``p`` goes where ``p + "."`` goes."""
+
+    def module_map(path: str) -> str:
+        if path == "":
+            return ""
+        renamed = key_map(path + ".")
+        return renamed[:-1] if renamed.endswith(".") else renamed
+
+    return module_map
+
+
+def rename_metadata(metadata: Any, module_map: KeyMap) -> Any:
+    """Rename ``_metadata``'s module paths, keeping torch's order (the root first).
+
+    When a wrapper's entry and the entry of the module it wrapped land on one path (``""``
+    and ``"module"`` after stripping ``module.``), the wrapped module's entry wins: it
+    describes the module that owns the parameters. Among renamed entries, the later
+    (deeper) one wins.
+    """
+    if not isinstance(metadata, dict):
+        return metadata
+    chosen: dict[Any, tuple[bool, Any]] = {}
+    first_seen: dict[Any, int] = {}
+    for position, (path, value) in enumerate(metadata.items()):
+        new_path = module_map(path) if type(path) is str else path
+        changed = new_path != path
+        first_seen.setdefault(new_path, position)
+        previous = chosen.get(new_path)
+        if previous is not None and previous[0] and not changed:
+            continue
+        chosen[new_path] = (changed, value)
+    ordered = sorted(chosen.items(), key=lambda item: first_seen[item[0]])
+    return OrderedDict((path, value) for path, (_, value) in ordered)

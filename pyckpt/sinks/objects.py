@@ -1,0 +1,130 @@
+"""The ``load`` sink: the object tree with every record replaced by its torch object.
+
+Tensors are made the way torch's rebuild functions make them (an empty tensor ``set_`` onto
+the storage), so dtype, shape, stride, offset, ``requires_grad``, Parameter-ness, conj/neg
+bits and storage sharing all match ``torch.load``. Identity is kept: an object the pickle
+memoised twice comes back as one object.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..index.records import CallRecord, ParameterRecord, ScriptObject, StorageRef, TensorRecord
+
+
+class ObjectBuilder:
+    def __init__(self, storages: dict[str, torch.UntypedStorage]) -> None:
+        self.storages = storages
+        self.built: dict[int, Any] = {}
+        self.key = ""
+
+    def build(self, value: Any) -> Any:
+        try:
+            result = self._build(value, "")
+        finally:
+            torch._utils._validate_loaded_sparse_tensors()
+        return result
+
+    def _build(self, value: Any, path: str) -> Any:
+        kind = type(value)
+        if kind in (str, int, float, bool, type(None), bytes, complex):
+            return value
+        done = self.built.get(id(value))
+        if done is not None:
+            return done
+        if kind is TensorRecord:
+            result: Any = self._tensor(value, path)
+        elif kind is dict or kind is OrderedDict or kind is Counter:
+            result = kind()
+            self.built[id(value)] = result
+            for key, item in value.items():
+                child = key if isinstance(key, str) else repr(key)
+                result[self._build(key, path)] = self._build(item, f"{path}/{child}" if path else child)
+            extra = getattr(value, "__dict__", None)
+            if extra:
+                result.__dict__.update(self._build(extra, path))
+        elif kind is list:
+            result = []
+            self.built[id(value)] = result
+            result.extend(self._build(item, f"{path}[{i}]") for i, item in enumerate(value))
+        elif kind is tuple:
+            result = tuple(self._build(item, f"{path}[{i}]") for i, item in enumerate(value))
+        elif kind is set:
+            result = {self._build(item, path) for item in value}
+        elif kind is ParameterRecord:
+            result = self._parameter(value, path)
+        elif kind is StorageRef:
+            result = torch.storage.TypedStorage(
+                wrap_storage=self.storages[value.storage.key], dtype=value.dtype, _internal=True
+            )
+        elif kind is CallRecord:
+            result = self._call(value, path)
+        elif kind is ScriptObject:
+            raise CheckpointError("TorchScript objects cannot be loaded as Python objects", key=path or None)
+        else:
+            return value
+        self.built[id(value)] = result
+        return result
+
+    def _tensor(self, record: TensorRecord, path: str) -> torch.Tensor:
+        storage = self.storages[record.storage.key]
+        tensor = torch.empty((0,), dtype=record.dtype, device=storage.device)
+        try:
+            tensor.set_(storage, record.storage_offset, record.size, record.stride)
+            if record.requires_grad:
+                tensor.requires_grad_(True)
+            if record.metadata:
+                torch._utils.set_tensor_metadata(tensor, record.metadata)
+        except RuntimeError as exc:
+            raise CheckpointError(f"cannot rebuild tensor: {exc}", key=path or None) from None
+        return tensor
+
+    def _parameter(self, record: ParameterRecord, path: str) -> torch.nn.Parameter:
+        data = self._build(record.data, path)
+        if not isinstance(data, torch.Tensor):
+            raise CheckpointError("Parameter data is not a tensor", key=path or None)
+        try:
+            param = torch.nn.Parameter(data, record.requires_grad)
+        except RuntimeError as exc:
+            raise CheckpointError(f"cannot rebuild Parameter: {exc}", key=path or None) from None
+        if record.state is not None:
+            param = torch._utils._set_obj_state(param, self._build(record.state, path))
+        return param
+
+    def _call(self, record: CallRecord, path: str) -> Any:
+        """An allowlisted torch function, run exactly as torch's weights-only load runs it."""
+        args = self._build(record.args, path)
+        func = record.func
+        try:
+            result = func.__new__(func, *args) if record.new_object else func(*args)
+            for state in record.build_states:
+                _apply_build(result, self._build(state, path))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # torch's rebuild functions raise many kinds of errors
+            raise CheckpointError(f"{record.func_name} failed: {exc}", key=path or None) from None
+        return result
+
+
+def _apply_build(obj: Any, state: Any) -> None:
+    """BUILD on an allowlisted object, as torch's weights-only unpickler does it."""
+    if hasattr(obj, "__setstate__"):
+        obj.__setstate__(state)
+        return
+    slotstate = None
+    if isinstance(state, tuple) and len(state) == 2:
+        state, slotstate = state
+    if state:
+        obj.__dict__.update(state)
+    if slotstate:
+        for name, value in slotstate.items():
+            setattr(obj, name, value)
+
+
+def build_objects(root: Any, storages: dict[str, torch.UntypedStorage]) -> Any:
+    return ObjectBuilder(storages).build(root)
