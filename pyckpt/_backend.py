@@ -112,6 +112,29 @@ class NativeBackend(_SharedPaths):
 
         return unpickle(self.module, data, interpreter, start=start)
 
+    def map_file(self, source: Source) -> torch.UntypedStorage:
+        return self.module.map_file(source.path).untyped_storage()
+
+    def read_into(self, source: Source, jobs: list[tuple[int, torch.Tensor]]) -> None:
+        from .index.source import FileSource
+
+        threads = io_threads()
+        if isinstance(source, FileSource):
+            self.module.read_into_fd(source.fd, source.size, jobs, threads)
+        else:
+            self.module.read_into_buffer(source.buffer(), jobs, threads)
+
+
+def io_threads() -> int:
+    """Reader threads: ``PYCKPT_THREADS``, else one per CPU up to 8."""
+    configured = os.environ.get("PYCKPT_THREADS", "").strip()
+    if configured:
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            raise ValueError(f"PYCKPT_THREADS must be a positive integer, not {configured!r}") from None
+    return max(1, min(8, os.cpu_count() or 1))
+
 
 _state: tuple[Backend, BackendInfo] | None = None
 
@@ -124,6 +147,8 @@ def _load() -> tuple[Backend, BackendInfo]:
     if _env_flag("PYCKPT_DISABLE_EXT"):
         return PythonBackend(), BackendInfo("python", False, "disabled by PYCKPT_DISABLE_EXT=1", None)
     try:
+        import torch  # noqa: F401  (the extension links against libtorch)
+
         from . import _native  # type: ignore[attr-defined]
     except ImportError as exc:
         reason = f"the extension pyckpt._native could not be imported: {exc}"

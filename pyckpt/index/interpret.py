@@ -20,9 +20,28 @@ from ..errors import CheckpointError, UnsafeCheckpointError
 from . import allowlist as names
 from .records import CallRecord, ParameterRecord, ScriptObject, StorageRecord, StorageRef, TensorRecord
 
-PersistentLoad = Callable[[str, torch.dtype, str, str, int, Any], StorageRecord]
+PersistentLoad = Callable[[str, torch.dtype, str, int, Any], StorageRecord]
 
 INT64_MAX = (1 << 63) - 1
+REFUSED_BUILD = "refused BUILD: only Parameter, OrderedDict and allowlisted objects may be built"
+
+
+class _at_offset:
+    """Suffix a CheckpointError raised while interpreting an opcode with the opcode's offset."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, traceback: Any) -> bool:
+        if isinstance(exc, CheckpointError) and "offset" not in exc.problem:
+            exc.problem = f"{exc.problem} (pickle offset {self.offset})"
+            exc.args = (exc._format(),)
+        return False
 
 
 class ScriptClass:
@@ -79,6 +98,19 @@ class Interpreter:
         if isinstance(obj, ScriptClass):
             return obj.qualified_name
         return self._names_by_id.get(id(obj))
+
+    # -- the entry points both VMs use, with the opcode offset for messages --------------
+    def call_at(self, func_name: str, args: Any, new_object: bool, offset: int) -> Any:
+        with _at_offset(offset):
+            return self.call(func_name, args, new_object=new_object)
+
+    def build_at(self, obj: Any, state: Any, offset: int) -> None:
+        with _at_offset(offset):
+            self.build(obj, state)
+
+    def persistent_at(self, pid: Any, offset: int) -> StorageRef:
+        with _at_offset(offset):
+            return self.persistent(pid)
 
     # -- REDUCE / NEWOBJ --------------------------------------------------------------
     def call(self, func_name: str, args: Any, *, new_object: bool = False) -> Any:
@@ -181,10 +213,7 @@ class Interpreter:
             else:
                 obj.build_states.append(state)
         else:
-            raise UnsafeCheckpointError(
-                f"refused BUILD of {type(obj).__name__}: only Parameter, OrderedDict and "
-                "allowlisted objects may be built"
-            )
+            raise UnsafeCheckpointError(REFUSED_BUILD)
 
     # -- BINPERSID ----------------------------------------------------------------------
     def persistent(self, pid: Any) -> StorageRef:

@@ -9,10 +9,11 @@ the file. ``csrc/index/pickle_vm.cpp`` is the native twin; keep them in step.
 from __future__ import annotations
 
 import struct
+from collections import Counter, OrderedDict
 from typing import Any
 
 from ..errors import CheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
-from .interpret import Interpreter
+from .interpret import REFUSED_BUILD, Interpreter
 
 
 _unpack_i32 = struct.Struct("<i").unpack_from
@@ -133,20 +134,20 @@ def _run(data: bytes, interp: Interpreter, pos: int) -> tuple[Any, int]:
         elif op == 0x52:  # REDUCE
             args = pop(at)
             func = pop(at)
-            stack.append(_located(lambda: interp.call(callable_name(func, at, "REDUCE"), args), at))
+            stack.append(interp.call_at(callable_name(func, at, "REDUCE"), args, False, at))
         elif op == 0x81:  # NEWOBJ
             args = pop(at)
             cls = pop(at)
-            stack.append(
-                _located(lambda: interp.call(callable_name(cls, at, "NEWOBJ"), args, new_object=True), at)
-            )
+            stack.append(interp.call_at(callable_name(cls, at, "NEWOBJ"), args, True, at))
         elif op == 0x51:  # BINPERSID
             pid = pop(at)
-            stack.append(_located(lambda: interp.persistent(pid), at))
+            stack.append(interp.persistent_at(pid, at))
         elif op == 0x62:  # BUILD
             state = pop(at)
             target = top(at)
-            _located(lambda: interp.build(target, state), at)
+            if not _buildable(target):
+                raise UnsafeCheckpointError(f"{REFUSED_BUILD} (pickle offset {at})")
+            interp.build_at(target, state, at)
         elif op == 0x4E:  # NONE
             stack.append(None)
         elif op == 0x88:  # NEWTRUE
@@ -174,13 +175,13 @@ def _run(data: bytes, interp: Interpreter, pos: int) -> tuple[Any, int]:
             item = pop(at)
             target = top(at)
             if type(target) is not list:
-                raise fail(f"APPEND to {type(target).__name__}, not a list", at)
+                raise fail("APPEND to something that is not a list", at)
             target.append(item)
         elif op == 0x65:  # APPENDS
             items = pop_mark(at)
             target = top(at)
             if type(target) is not list:
-                raise fail(f"APPENDS to {type(target).__name__}, not a list", at)
+                raise fail("APPENDS to something that is not a list", at)
             target.extend(items)
         elif op == 0x7D:  # EMPTY_DICT
             stack.append({})
@@ -213,23 +214,23 @@ def _run(data: bytes, interp: Interpreter, pos: int) -> tuple[Any, int]:
             )
 
 
-def _located(action: Any, at: int) -> Any:
-    try:
-        return action()
-    except CheckpointError as exc:
-        if "offset" not in exc.problem:
-            exc.problem = f"{exc.problem} (pickle offset {at})"
-            exc.args = (exc._format(),)
-        raise
+def _buildable(target: Any) -> bool:
+    """What may receive BUILD at all; the interpreter decides the rest (as the native VM)."""
+    return type(target) in (OrderedDict, Counter) or not isinstance(target, _PLAIN_VALUES)
+
+
+_PLAIN_VALUES = (type(None), bool, int, float, str, bytes, bytearray, complex, list, tuple, dict, set)
 
 
 def _set_items(target: Any, items: list[Any], at: int, fail: Any) -> None:
     if not isinstance(target, dict):
-        raise fail(f"SETITEM on {type(target).__name__}, not a dict", at)
+        raise fail("SETITEM on something that is not a dict", at)
     if len(items) % 2:
         raise fail("SETITEMS with an odd number of items", at)
-    try:
-        for i in range(0, len(items), 2):
+    for i in range(0, len(items), 2):
+        try:
             target[items[i]] = items[i + 1]
-    except TypeError:
-        raise fail(f"dict key of type {type(items[i]).__name__} is not hashable", at) from None
+        except TypeError:
+            raise CheckpointError(
+                f"bad pickle: dict key of type {type(items[i]).__name__} is not hashable"
+            ) from None

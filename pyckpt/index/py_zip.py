@@ -118,7 +118,7 @@ def _parse_central(directory: bytes, pos: int, source: Source, cd_offset: int) -
     if end > len(directory):
         raise CheckpointError("central directory is truncated")
     raw_name = directory[pos + CENTRAL_SIZE : pos + CENTRAL_SIZE + name_length]
-    name = _decode_name(raw_name, flags)
+    name = decode_name(raw_name)
     extra = directory[pos + CENTRAL_SIZE + name_length : pos + CENTRAL_SIZE + name_length + extra_length]
     if U32_MAX in (size, compressed, header_offset) or disk_start == U16_MAX:
         size, compressed, header_offset = _zip64_extra(extra, name, size, compressed, header_offset, disk_start)
@@ -187,7 +187,8 @@ def _zip64_extra(
     raise CheckpointError("zip64 sizes are missing from the record's extra field", record=name)
 
 
-def _decode_name(raw: bytes, flags: int) -> str:
+def decode_name(raw: bytes) -> str:
+    """Record names are UTF-8 in every torch writer; anything else is read as cp437."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -1,0 +1,56 @@
+#include "core/byte_source.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace pyckpt {
+
+void ByteSource::check_range(uint64_t offset, uint64_t length, const char* what) const {
+  if (offset > size_ || length > size_ - offset) {
+    fail("file is truncated or lies about an offset: " + std::string(what) + " of " +
+         std::to_string(length) + " bytes at offset " + std::to_string(offset) +
+         " passes the end of the file (" + std::to_string(size_) + " bytes)");
+  }
+}
+
+std::vector<uint8_t> ByteSource::read(uint64_t offset, uint64_t length) const {
+  check_range(offset, length, "read");
+  std::vector<uint8_t> out(length);
+  if (length) read_raw(offset, length, out.data());
+  return out;
+}
+
+void ByteSource::read_into(uint64_t offset, uint64_t length, uint8_t* dest) const {
+  check_range(offset, length, "read");
+  if (length) read_raw(offset, length, dest);
+}
+
+void FdSource::read_raw(uint64_t offset, uint64_t length, uint8_t* dest) const {
+  pread_exact(fd_, dest, length, offset);
+}
+
+void MemorySource::read_raw(uint64_t offset, uint64_t length, uint8_t* dest) const {
+  std::memcpy(dest, data_ + offset, length);
+}
+
+void pread_exact(int fd, uint8_t* dest, uint64_t length, uint64_t offset) {
+  constexpr uint64_t kMaxChunk = uint64_t{1} << 30;
+  while (length) {
+    const size_t want = static_cast<size_t>(length < kMaxChunk ? length : kMaxChunk);
+    const ssize_t got = ::pread(fd, dest, want, static_cast<off_t>(offset));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      fail("read failed at offset " + std::to_string(offset) + ": " + std::strerror(errno));
+    }
+    if (got == 0) fail("file shrank while being read (at offset " + std::to_string(offset) + ")");
+    dest += got;
+    offset += static_cast<uint64_t>(got);
+    length -= static_cast<uint64_t>(got);
+  }
+}
+
+}  // namespace pyckpt

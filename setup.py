@@ -1,0 +1,55 @@
+"""Build pyckpt: the Python package plus the native extension ``pyckpt._native``.
+
+``pip install --no-build-isolation .`` compiles the extension against the installed torch
+(build isolation would download torch again). ``PYCKPT_BUILD_EXT=0`` installs pure Python.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("PYCKPT_BUILD_EXT", "1").strip().lower() in ("0", "false", "no", "off"):
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    sources = sorted(
+        os.path.relpath(path, ROOT)
+        for path in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
+        if "/fuzz/" not in path
+    )
+    extension = CppExtension(
+        name="pyckpt._native",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args=["-O3", "-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    )
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="pyckpt",
+    version="0.1.0",
+    description="Load, rename and convert PyTorch checkpoints fast, without running pickle",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pyckpt", "pyckpt.*"]),
+    package_data={"pyckpt": ["py.typed"]},
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"test": ["pytest", "safetensors"], "safetensors": ["safetensors"]},
+    entry_points={"console_scripts": ["pyckpt=pyckpt.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
