@@ -28,7 +28,7 @@ def _extensions():
         name="pyckpt._native",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args=["-O3", "-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -173,13 +173,43 @@ def backend_info() -> BackendInfo:
     return _ensure()[1]
 
 
+class use_backend:
+    """Run a block with the given backend (``"native"`` or ``"python"``); for tests and tools."""
+
+    def __init__(self, name: str) -> None:
+        if name == "python":
+            chosen: Backend = PythonBackend()
+            info = BackendInfo("python", False, "selected explicitly", None)
+        elif name == "native":
+            native = native_backend()
+            if native is None:
+                raise ExtensionUnavailableError(f"native backend requested but {backend_info().reason}")
+            chosen = native
+            info = BackendInfo("native", True, None, getattr(native.module, "__file__", None))
+        else:
+            raise ValueError(f"unknown backend {name!r}")
+        self.state = (chosen, info)
+
+    def __enter__(self) -> Backend:
+        global _state
+        self.saved = _state
+        _state = self.state
+        return self.state[0]
+
+    def __exit__(self, *exc: Any) -> None:
+        global _state
+        _state = self.saved
+
+
 def python_backend() -> Backend:
     return PythonBackend()
 
 
-def native_backend() -> Backend | None:
+def native_backend() -> NativeBackend | None:
     """The native backend if the extension imports (ignoring PYCKPT_DISABLE_EXT), for parity tests."""
     try:
+        import torch  # noqa: F401
+
         from . import _native  # type: ignore[attr-defined]
     except ImportError:
         return None
