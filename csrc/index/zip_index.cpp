@@ -187,10 +187,17 @@ std::vector<ZipEntry> read_zip_entries(const ByteSource& source) {
   if (size < kEocdSize) {
     fail("not a zip archive: " + str(size) + " bytes is too short for an end record");
   }
-  const uint64_t tail_length = std::min(size, kEocdSize + kMaxComment);
-  const uint64_t tail_start = size - tail_length;
-  const std::vector<uint8_t> tail = source.read(tail_start, tail_length);
-  const int64_t eocd_at = find_eocd(tail);
+  // Archives without a comment (every torch writer) end with the end record; only
+  // otherwise search the tail, which may overlap the last record's data.
+  uint64_t tail_start = size - kEocdSize;
+  std::vector<uint8_t> tail = source.read(tail_start, kEocdSize);
+  int64_t eocd_at = find_eocd(tail);
+  if (eocd_at < 0) {
+    const uint64_t tail_length = std::min(size, kEocdSize + kMaxComment);
+    tail_start = size - tail_length;
+    tail = source.read(tail_start, tail_length);
+    eocd_at = find_eocd(tail);
+  }
   if (eocd_at < 0) fail("not a zip archive: no end-of-central-directory record");
   const uint64_t eocd_offset = tail_start + static_cast<uint64_t>(eocd_at);
   const uint8_t* eocd = tail.data() + eocd_at;

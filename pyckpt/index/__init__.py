@@ -51,7 +51,7 @@ def index_source(source: Source, backend: Backend | None = None) -> CheckpointIn
 def _dispatch(source: Source, backend: Backend) -> CheckpointIndex:
     if source.size == 0:
         raise CheckpointError("file is empty")
-    head = source.read(0, min(source.size, 512))
+    head = source.read(0, min(source.size, len(LFS_POINTER)))
     if head.startswith(LFS_POINTER):
         raise CheckpointError(
             "this is a Git LFS pointer file, not the checkpoint itself (run `git lfs pull`)"
@@ -60,7 +60,7 @@ def _dispatch(source: Source, backend: Backend) -> CheckpointIndex:
         return index_zip(source, backend)
     if looks_legacy(head):
         return index_legacy(source, backend)
-    if len(head) >= 262 and head[257:262] == b"ustar":
+    if source.size >= 262 and source.read(257, 5) == b"ustar":
         raise CheckpointError(
             "this is the pre-1.0 tar checkpoint format, which cannot be read without running "
             "pickle (torch refuses it under weights_only=True as well)"

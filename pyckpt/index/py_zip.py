@@ -41,10 +41,16 @@ def read_zip_entries(source: Source) -> list[ZipEntry]:
     size = source.size
     if size < EOCD_SIZE:
         raise CheckpointError(f"not a zip archive: {size} bytes is too short for an end record")
-    tail_length = min(size, EOCD_SIZE + MAX_COMMENT)
-    tail_start = size - tail_length
-    tail = source.read(tail_start, tail_length)
+    # Archives without a comment (every torch writer) end with the end record; only
+    # otherwise search the tail, which may overlap the last record's data.
+    tail_start = size - EOCD_SIZE
+    tail = source.read(tail_start, EOCD_SIZE)
     eocd_at = _find_eocd(tail)
+    if eocd_at < 0:
+        tail_length = min(size, EOCD_SIZE + MAX_COMMENT)
+        tail_start = size - tail_length
+        tail = source.read(tail_start, tail_length)
+        eocd_at = _find_eocd(tail)
     if eocd_at < 0:
         raise CheckpointError("not a zip archive: no end-of-central-directory record")
     eocd_offset = tail_start + eocd_at

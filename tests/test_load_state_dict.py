@@ -1,0 +1,202 @@
+"""pyckpt.load_state_dict: torch's results and errors, whatever the wrapping on either side."""
+
+from __future__ import annotations
+
+import collections
+import io
+import zipfile
+
+import factory
+import pytest
+import torch
+from torch import nn
+
+import pyckpt
+
+
+def assert_models_equal(expected: nn.Module, got: nn.Module) -> None:
+    e, g = expected.state_dict(), got.state_dict()
+    assert list(e) == list(g)
+    for key in e:
+        assert e[key].dtype == g[key].dtype and torch.equal(e[key], g[key]), key
+
+
+def fresh_net(seed: int = 123) -> factory.Net:
+    torch.manual_seed(seed)
+    return factory.Net()
+
+
+def test_dataparallel_checkpoint_into_plain_model(backend, tmp_path):
+    source = factory.seeded_net()
+    path = factory.save(nn.DataParallel(source).state_dict(), tmp_path / "dp.pt")
+    target = fresh_net()
+    with pytest.raises(RuntimeError, match="Missing key"):
+        target.load_state_dict(torch.load(path, weights_only=True))
+    result = pyckpt.load_state_dict(target, path)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert_models_equal(source, target)
+
+
+@pytest.mark.parametrize("wrap", ["dataparallel", "compile", "dp_of_compile"])
+def test_plain_checkpoint_into_wrapped_model(backend, tmp_path, wrap):
+    source = factory.seeded_net()
+    path = factory.save(source.state_dict(), tmp_path / "plain.pt")
+    inner = fresh_net()
+    model = {
+        "dataparallel": lambda: nn.DataParallel(inner),
+        "compile": lambda: torch.compile(inner),
+        "dp_of_compile": lambda: nn.DataParallel(torch.compile(inner)),
+    }[wrap]()
+    result = pyckpt.load_state_dict(model, path)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert_models_equal(source, inner)
+
+
+def test_fsdp_inner_prefixes(backend, tmp_path):
+    source = factory.seeded_net()
+    fsdp_keys = collections.OrderedDict(
+        (key.replace("block.", "_fsdp_wrapped_module.block._fsdp_wrapped_module.").replace("head.", "head._checkpoint_wrapped_module."), value)
+        for key, value in source.state_dict().items()
+    )
+    path = factory.save(fsdp_keys, tmp_path / "fsdp.pt")
+    target = fresh_net()
+    result = pyckpt.load_state_dict(target, path)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert_models_equal(source, target)
+
+
+@pytest.mark.parametrize("entry", ["state_dict", "model"])
+def test_finds_state_dict_in_training_checkpoints(backend, tmp_path, entry):
+    source = factory.seeded_net()
+    path = factory.save({"epoch": 2, entry: source.state_dict(), "optimizer": {}}, tmp_path / "t.pt")
+    target = fresh_net()
+    pyckpt.load_state_dict(target, path)
+    assert_models_equal(source, target)
+
+
+def test_key_argument_picks_the_entry(backend, tmp_path):
+    source, other = factory.seeded_net(1), factory.seeded_net(2)
+    path = factory.save({"ema": source.state_dict(), "student": other.state_dict()}, tmp_path / "t.pt")
+    with pytest.raises(pyckpt.CheckpointError, match="several entries"):
+        pyckpt.load_state_dict(fresh_net(), path)
+    target = fresh_net()
+    pyckpt.load_state_dict(target, path, key="ema")
+    assert_models_equal(source, target)
+    with pytest.raises(pyckpt.CheckpointError, match="no entry 'missing'"):
+        pyckpt.load_state_dict(target, path, key="missing")
+
+
+def test_strict_errors_match_torch(backend, tmp_path):
+    source = factory.seeded_net()
+    state = source.state_dict()
+    del state["head.weight"]
+    state["extra.weight"] = torch.ones(1)
+    path = factory.save(state, tmp_path / "partial.pt")
+    with pytest.raises(RuntimeError) as expected:
+        fresh_net().load_state_dict(torch.load(path, weights_only=True))
+    with pytest.raises(RuntimeError) as got:
+        pyckpt.load_state_dict(fresh_net(), path)
+    assert str(got.value) == str(expected.value)
+    torch_result = fresh_net().load_state_dict(torch.load(path, weights_only=True), strict=False)
+    ours = pyckpt.load_state_dict(fresh_net(), path, strict=False)
+    assert ours.missing_keys == torch_result.missing_keys
+    assert ours.unexpected_keys == torch_result.unexpected_keys
+
+
+def test_size_mismatch_names_the_key(backend, tmp_path):
+    path = factory.save(factory.Net(width=4).state_dict(), tmp_path / "small.pt")
+    with pytest.raises(RuntimeError) as expected:
+        fresh_net().load_state_dict(torch.load(path, weights_only=True))
+    with pytest.raises(RuntimeError) as got:
+        pyckpt.load_state_dict(fresh_net(), path)
+    assert "size mismatch for block.0.weight" in str(got.value)
+    assert str(got.value) == str(expected.value)
+
+
+def test_writes_into_existing_parameter_memory(backend, tmp_path):
+    source = factory.seeded_net()
+    path = factory.save(nn.DataParallel(source).state_dict(), tmp_path / "dp.pt")
+    target = fresh_net()
+    before = {k: v.data_ptr() for k, v in target.state_dict().items()}
+    pyckpt.load_state_dict(target, path)
+    assert {k: v.data_ptr() for k, v in target.state_dict().items()} == before
+    assert_models_equal(source, target)
+    assert target.head.weight is target.embed.weight  # the model's own tying is untouched
+
+
+@pytest.mark.parametrize("variant", ["file", "deflate", "buffer"])
+def test_direct_fill_never_copies_the_checkpoint_in_ram(backend, tmp_path, monkeypatch, variant):
+    """No tensor the size of a parameter is allocated on the way, even where nothing can be mapped."""
+    source = nn.Linear(512, 512)
+    path = factory.save(source.state_dict(), tmp_path / "l.pt")
+    if variant == "deflate":
+        path = factory.rezip(path, str(tmp_path / "d.pt"), zipfile.ZIP_DEFLATED)
+    elif variant == "buffer":
+        path = io.BytesIO(open(path, "rb").read())
+    target = nn.Linear(512, 512)
+    allocations = []
+    real_empty = torch.empty
+
+    def tracking_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        allocations.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(torch, "empty", tracking_empty)
+    pyckpt.load_state_dict(target, path)
+    assert max(allocations, default=0) < 512 * 512 * 4
+    assert torch.equal(target.weight, source.weight)
+
+
+@pytest.mark.parametrize("variant", ["deflate", "buffer"])
+def test_unmappable_inputs_fill_directly_too(backend, tmp_path, variant):
+    source = factory.seeded_net()
+    path = factory.save(source.state_dict(), tmp_path / "p.pt")
+    target = fresh_net()
+    if variant == "deflate":
+        f = factory.rezip(path, str(tmp_path / "d.pt"), zipfile.ZIP_DEFLATED)
+    else:
+        f = io.BytesIO(open(path, "rb").read())
+    pyckpt.load_state_dict(target, f)
+    assert_models_equal(source, target)
+
+
+def test_dtype_conversion_and_noncontiguous_sources_go_through_torch(backend, tmp_path):
+    source = nn.Linear(6, 4)
+    state = {"weight": source.weight.detach().double().t().contiguous().t(), "bias": source.bias.detach().half()}
+    path = factory.save(state, tmp_path / "odd.pt")
+    target = nn.Linear(6, 4)
+    expected = nn.Linear(6, 4)
+    expected.load_state_dict(torch.load(path, weights_only=True))
+    pyckpt.load_state_dict(target, path)
+    assert_models_equal(expected, target)
+
+
+def test_batchnorm_metadata_version_is_honoured(backend, tmp_path):
+    """An old BatchNorm checkpoint (version 1, no num_batches_tracked) loads like torch loads it."""
+    source = factory.seeded_net()
+    state = nn.DataParallel(source).state_dict()
+    del state["module.block.1.num_batches_tracked"]
+    state._metadata["module.block.1"]["version"] = 1
+    path = factory.save(state, tmp_path / "old_bn.pt")
+    target = fresh_net()
+    result = pyckpt.load_state_dict(target, path)
+    assert result.missing_keys == []
+    assert target.block[1].num_batches_tracked.item() == 0
+
+
+def test_assign_matches_torch(backend, tmp_path):
+    source = factory.seeded_net()
+    path = factory.save(source.state_dict(), tmp_path / "p.pt")
+    with torch.device("meta"):
+        target = factory.Net()
+    pyckpt.load_state_dict(target, path, assign=True)
+    assert_models_equal(source, target)
+    assert isinstance(target.block[0].weight, nn.Parameter)
+    assert target.block[0].weight.requires_grad
+
+
+def test_not_a_state_dict(backend, tmp_path):
+    path = factory.save({"epoch": 1, "lr": 0.1}, tmp_path / "nothing.pt")
+    with pytest.raises(pyckpt.CheckpointError, match="no state dict found"):
+        pyckpt.load_state_dict(fresh_net(), path)
