@@ -3,14 +3,19 @@
 // turns pyckpt::CheckpointError into pyckpt.CheckpointError. No logic of its own.
 #include <torch/extension.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
+
+#include <system_error>
 
 #include "core/byte_source.h"
 #include "core/error.h"
 #include "index/pickle_vm.h"
 #include "index/zip_index.h"
+#include "io/copy_ranges.h"
+#include "io/crc32.h"
 #include "io/mapped_file.h"
 #include "io/parallel_read.h"
 
@@ -35,7 +40,7 @@ void raise_checkpoint_error(const CheckpointError& error) {
                                                                    : "CheckpointError";
   py::object cls = errors_module().attr(class_name);
   py::object record = error.record().empty() ? py::none() : decode_name(error.record());
-  py::object instance = cls(py::str(error.what()), py::arg("record") = record);
+  py::object instance = cls(decode_name(error.message()), py::arg("record") = record);
   PyErr_SetObject(cls.ptr(), instance.ptr());
 }
 
@@ -206,6 +211,16 @@ py::tuple unpickle(const py::buffer& data, uint64_t start, py::object interprete
   return py::make_tuple(converter.convert_all(), tree.end);
 }
 
+std::vector<pyckpt::CrcRange> crc_ranges(const py::list& ranges) {
+  std::vector<pyckpt::CrcRange> result;
+  result.reserve(ranges.size());
+  for (py::handle item : ranges) {
+    auto range = item.cast<py::tuple>();
+    result.push_back({range[0].cast<uint64_t>(), range[1].cast<uint64_t>()});
+  }
+  return result;
+}
+
 std::vector<pyckpt::ReadJob> read_jobs(const py::list& jobs) {
   std::vector<pyckpt::ReadJob> result;
   result.reserve(jobs.size());
@@ -230,6 +245,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       if (pointer) std::rethrow_exception(pointer);
     } catch (const CheckpointError& error) {
       raise_checkpoint_error(error);
+    } catch (const std::system_error& error) {
+      // An OSError with the errno, like os.pwrite raises: callers handle ENOSPC/EFBIG.
+      py::object exc = py::module_::import("builtins").attr("OSError")(
+          error.code().value(), std::string(std::strerror(error.code().value())));
+      PyErr_SetObject(PyExc_OSError, exc.ptr());
     }
   });
 
@@ -262,6 +282,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const std::vector<pyckpt::ReadJob> parsed = read_jobs(jobs);
     py::gil_scoped_release release;
     pyckpt::parallel_read(pyckpt::MemorySource(view.data, view.size), parsed, threads);
+  });
+  m.def("crc32_ranges_fd", [](int fd, uint64_t size, const py::list& ranges, int threads) {
+    const std::vector<pyckpt::CrcRange> parsed = crc_ranges(ranges);
+    py::gil_scoped_release release;
+    return pyckpt::parallel_crc32(pyckpt::FdSource(fd, size), parsed, threads);
+  });
+  m.def("crc32_ranges_buffer", [](const py::buffer& buffer, const py::list& ranges, int threads) {
+    BufferView view = view_of(buffer);
+    const std::vector<pyckpt::CrcRange> parsed = crc_ranges(ranges);
+    py::gil_scoped_release release;
+    return pyckpt::parallel_crc32(pyckpt::MemorySource(view.data, view.size), parsed, threads);
+  });
+  m.def("crc32", [](const py::buffer& buffer, uint32_t crc) {
+    BufferView view = view_of(buffer);
+    return pyckpt::crc32_update(crc, view.data, static_cast<size_t>(view.size));
+  });
+  m.def("copy_ranges", [](int source_fd, int dest_fd, const py::list& jobs, int threads) {
+    std::vector<pyckpt::CopyJob> parsed;
+    parsed.reserve(jobs.size());
+    for (py::handle item : jobs) {
+      auto job = item.cast<py::tuple>();
+      parsed.push_back({job[0].cast<uint64_t>(), job[1].cast<uint64_t>(), job[2].cast<uint64_t>(),
+                        job[3].cast<bool>()});
+    }
+    py::gil_scoped_release release;
+    return pyckpt::copy_ranges(source_fd, dest_fd, parsed, threads);
   });
   m.def("map_file", [](const std::string& path) {
     std::shared_ptr<pyckpt::MappedFile> mapping = pyckpt::MappedFile::open(path);

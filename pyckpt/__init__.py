@@ -18,16 +18,23 @@ __all__ = [
     "UnsafeCheckpointError",
     "backend",
     "backend_info",
+    "convert",
     "load",
     "load_state_dict",
 ]
 
 if TYPE_CHECKING:
     from ._backend import BackendInfo
+    from .converting import ConvertReport, convert
     from .loading import load
     from .module_loading import load_state_dict
 
-_LAZY = {"load": "loading", "load_state_dict": "module_loading"}
+_LAZY = {
+    "load": "loading",
+    "load_state_dict": "module_loading",
+    "convert": "converting",
+    "ConvertReport": "converting",
+}
 
 
 def backend() -> str:

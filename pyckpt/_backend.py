@@ -45,6 +45,14 @@ class Backend(Protocol):
         """Storages on accelerator devices, keyed by storage key."""
         ...
 
+    def copy_ranges(self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, int, bool]]) -> list[int]:
+        """Copy ``(source_offset, length, dest_offset, want_crc)`` jobs file to file; CRCs (0 if not asked)."""
+        ...
+
+    def crc32_ranges(self, source: Source, ranges: list[tuple[int, int]]) -> list[int]:
+        """CRC-32 of each ``(offset, length)`` range of the source."""
+        ...
+
 
 @dataclass(frozen=True)
 class BackendInfo:
@@ -85,6 +93,22 @@ class PythonBackend(_SharedPaths):
         for offset, tensor in jobs:
             source.readinto(offset, memoryview(tensor.numpy()))
 
+    def copy_ranges(self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, int, bool]]) -> list[int]:
+        from .sinks.file_copy import copy_ranges
+
+        return copy_ranges(source_fd, dest_fd, jobs)
+
+    def crc32_ranges(self, source: Source, ranges: list[tuple[int, int]]) -> list[int]:
+        import zlib
+
+        crcs = []
+        for offset, length in ranges:
+            crc = 0
+            for start in range(offset, offset + length, 8 << 20):
+                crc = zlib.crc32(source.read(start, min(8 << 20, offset + length - start)), crc)
+            crcs.append(crc)
+        return crcs
+
     def zip_entries(self, source: Source) -> list[ZipEntry]:
         from .index.py_zip import read_zip_entries
 
@@ -123,6 +147,16 @@ class NativeBackend(_SharedPaths):
             self.module.read_into_fd(source.fd, source.size, jobs, threads)
         else:
             self.module.read_into_buffer(source.buffer(), jobs, threads)
+
+    def copy_ranges(self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, int, bool]]) -> list[int]:
+        return list(self.module.copy_ranges(source_fd, dest_fd, jobs, io_threads()))
+
+    def crc32_ranges(self, source: Source, ranges: list[tuple[int, int]]) -> list[int]:
+        from .index.source import FileSource
+
+        if isinstance(source, FileSource):
+            return list(self.module.crc32_ranges_fd(source.fd, source.size, ranges, io_threads()))
+        return list(self.module.crc32_ranges_buffer(source.buffer(), ranges, io_threads()))
 
 
 def io_threads() -> int:

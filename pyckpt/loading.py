@@ -62,6 +62,8 @@ def load(
             return build_objects(root, storages)
         except CheckpointError as exc:
             raise exc.located(path=index.display)
+        except RecursionError:
+            raise CheckpointError("object tree nests too deeply", path=index.display) from None
 
 
 def _check_strip_prefix(strip_prefix: Any) -> str | None:

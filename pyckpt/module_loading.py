@@ -85,7 +85,12 @@ def load_state_dict(
             values = _direct_fill(index, state_dict, targets, model, backend) if not assign else {}
             staged = {k: v for k, v in state_dict.items() if k not in values}
             staged_location = "cpu" if map_location is None else map_location
-            plans = plan_storages(staged, staged_location, mmap=None, can_map=index.source.path is not None)
+            # Staged tensors are read, not mapped: a file truncated under us must not SIGBUS
+            # the copy into the model. With assign=True they become the parameters, so they
+            # are mapped like torch.load(mmap=True) would.
+            plans = plan_storages(
+                staged, staged_location, mmap=None if assign else False, can_map=index.source.path is not None
+            )
             storages = execute_plan(index, plans, staged_location, backend)
             built = build_objects(staged, storages)
         except CheckpointError as exc:

@@ -101,12 +101,15 @@ def _rename(value: Any, key_map: KeyMap, report: RenameReport, done: dict[int, A
                 if result is value:
                     result = _copy_mapping(value)
                 result[key] = new_item
-    elif isinstance(value, list):
-        items = [_rename(item, key_map, report, done) for item in value]
-        result = value if all(a is b for a, b in zip(items, value)) else items
-    elif isinstance(value, tuple):
-        items = [_rename(item, key_map, report, done) for item in value]
-        result = value if all(a is b for a, b in zip(items, value)) else tuple(items)
+    elif isinstance(value, (list, tuple)):
+        # A plain loop, not a comprehension: one Python frame per nesting level.
+        items = []
+        for item in value:
+            items.append(_rename(item, key_map, report, done))
+        if all(a is b for a, b in zip(items, value)):
+            result = value
+        else:
+            result = items if isinstance(value, list) else tuple(items)
     else:
         result = value
     done[id(value)] = result

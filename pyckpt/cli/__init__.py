@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 bad input or a failed check, 2 usage. Errors are one line on
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -25,8 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    from . import demo
+    from . import convert, demo, inspect_command, verify
 
+    convert.register(commands)
+    inspect_command.register(commands)
+    verify.register(commands)
     demo.register(commands)
     return parser
 
@@ -34,17 +38,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .convert import UsageError
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.run(args) or EXIT_OK)
+    except UsageError as exc:
+        parser.exit(EXIT_USAGE, f"pyckpt {args.command}: error: {exc}\n")
     except KeyboardInterrupt:
-        print("pyckpt: interrupted", file=sys.stderr)
+        print(f"pyckpt {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line; the traceback only on request
-        from ..errors import CheckpointError
-
         if args.debug:
             traceback.print_exc()
-        print(f"pyckpt {args.command}: error: {exc}", file=sys.stderr)
-        if isinstance(exc, (CheckpointError, OSError)):
-            return EXIT_BAD_INPUT
+        print(f"pyckpt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return EXIT_OK
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # Unwind like Ctrl-C, so temporary files are removed on the way out.
+    raise KeyboardInterrupt
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.filename}: {exc.strerror or text}"
+    return " ".join(text.split())

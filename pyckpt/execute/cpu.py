@@ -8,6 +8,7 @@ holds; big-endian data is swapped in place afterwards.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,31 +77,60 @@ def allocate_bytes(nbytes: int, record: StorageRecord | None = None) -> torch.Te
 
 
 def inflate_into(source: Source, record: StorageRecord, start: int, dest: memoryview) -> None:
-    """Inflate ``record`` and keep bytes ``[start, start + len(dest))``; never inflate past them."""
+    """Inflate bytes ``[start, start + len(dest))`` of ``record`` into ``dest``."""
+    at = 0
+    for chunk in iter_inflated(
+        source, record.data_offset, record.stored_size, start, start + len(dest), record.record,
+        declared=record.record_size,
+    ):
+        dest[at : at + len(chunk)] = chunk
+        at += len(chunk)
+
+
+def iter_inflated(
+    source: Source, data_offset: int, stored_size: int, start: int, end: int, name: str | None,
+    *, declared: int | None = None,
+) -> Iterator[bytes]:
+    """Bytes ``[start, end)`` of the deflate record ``name``, in chunks; never inflates past ``end``.
+
+    ``declared`` is the record's uncompressed size from the zip directory: when ``end``
+    reaches it, the stream must end there too (a bomb that declares a small size and
+    inflates to gigabytes is refused after one more byte, not silently cut).
+    """
     inflater = zlib.decompressobj(-15)
-    end = start + len(dest)
     produced = 0  # bytes of the record inflated so far
     consumed = 0
     pending = b""
     try:
         while produced < end and not inflater.eof:
-            if not pending and consumed < record.stored_size:
-                take = min(INFLATE_CHUNK, record.stored_size - consumed)
-                pending = source.read(record.data_offset + consumed, take)
+            if not pending and consumed < stored_size:
+                take = min(INFLATE_CHUNK, stored_size - consumed)
+                pending = source.read(data_offset + consumed, take)
                 consumed += take
             out = inflater.decompress(pending, min(end - produced, INFLATE_CHUNK))
             pending = inflater.unconsumed_tail
-            if not out and not pending and consumed >= record.stored_size:
+            if not out and not pending and consumed >= stored_size:
                 break  # input exhausted and nothing more comes out
-            lo = max(start - produced, 0)
-            if lo < len(out):
-                at = produced + lo - start
-                dest[at : at + len(out) - lo] = out[lo:]
+            skip = max(start - produced, 0)
             produced += len(out)
+            if skip < len(out):
+                yield out[skip:]
+        if declared is not None and produced >= end >= declared:
+            while not inflater.eof:
+                if not pending and consumed < stored_size:
+                    take = min(INFLATE_CHUNK, stored_size - consumed)
+                    pending = source.read(data_offset + consumed, take)
+                    consumed += take
+                more = inflater.decompress(pending, 1)
+                pending = inflater.unconsumed_tail
+                if more:
+                    raise CheckpointError(f"deflate data inflates past the {declared} bytes it declares", record=name)
+                if not pending and consumed >= stored_size:
+                    break
     except zlib.error as exc:
-        raise CheckpointError(f"corrupt deflate data: {exc}", record=record.record) from None
+        raise CheckpointError(f"corrupt deflate data: {exc}", record=name) from None
     if produced < end:
         raise CheckpointError(
             f"deflate data inflates to {produced} bytes, fewer than the {end} the storage needs",
-            record=record.record,
+            record=name,
         )

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._device import MapLocation
+from ..errors import CheckpointError
 from ..index.checkpoint import CheckpointIndex
 from ..plan import HOW_MAP, HOW_META, HOW_READ, HOW_RESTORE, StoragePlan
 from .cpu import read_storages
@@ -52,7 +53,13 @@ def _restore(storage: torch.UntypedStorage, plan: StoragePlan, map_location: Map
 
     location = plan.record.location
     if plan.location is not None:
-        restored: Any = default_restore_location(storage, plan.location)
+        try:
+            restored: Any = default_restore_location(storage, plan.location)
+        except RuntimeError as exc:  # a location no backend registered ("cpo", "xyz:0", ...)
+            raise CheckpointError(
+                f"storage '{plan.record.key}' cannot be restored to location {plan.location!r}: {exc}",
+                record=plan.record.record,
+            ) from None
     else:
         restored = map_location(storage, location)  # type: ignore[operator]
         if restored is None:

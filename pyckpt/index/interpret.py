@@ -236,7 +236,10 @@ class Interpreter:
         if type(key) is not str or type(location) is not str:
             raise CheckpointError("storage key and location must be strings")
         _check_storage_key(key)
-        numel = _index(numel, f"storage '{key}' element count")
+        try:
+            numel = _index(numel, f"storage '{key}' element count")
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
         record = self.persistent_load_fn(key, dtype, location, numel, view)
         return StorageRef(record, dtype)
 

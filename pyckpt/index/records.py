@@ -49,6 +49,9 @@ class StorageRecord:
     method: int = METHOD_STORED
     crc32: int | None = None
     byteswap: bool = False
+    # The uncompressed size the zip directory declares (None for the legacy format): a
+    # DEFLATE stream read up to it must end there, or the record lies about its size.
+    record_size: int | None = None
 
     @property
     def element_size(self) -> int:
@@ -142,3 +145,20 @@ def is_tensor_like(value: Any) -> bool:
     if isinstance(value, (TensorRecord, ParameterRecord, torch.Tensor)):
         return True
     return isinstance(value, CallRecord) and value.func_name.startswith(TENSOR_REBUILD_PREFIXES)
+
+
+def describe_value(value: Any) -> str:
+    """A short, user-facing name for what a tree value is."""
+    if isinstance(value, TensorRecord):
+        return f"tensor {value.dtype} {list(value.size)}".replace("torch.", "")
+    if isinstance(value, ParameterRecord):
+        return "Parameter"
+    if isinstance(value, StorageRef):
+        return "storage"
+    if isinstance(value, CallRecord):
+        return value.func_name.rsplit(".", 1)[-1]
+    if isinstance(value, dict):
+        return f"{type(value).__name__} of {len(value)}"
+    if isinstance(value, (list, tuple, set)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__

@@ -70,6 +70,7 @@ def index_zip(source: Source, backend: Backend) -> CheckpointIndex:
             method=entry.method,
             crc32=entry.crc32,
             byteswap=byteorder == "big" and _swap_width(dtype) > 1,
+            record_size=entry.size,
         )
         storages[key] = record
         return record

@@ -48,14 +48,22 @@ class ObjectBuilder:
             extra = getattr(value, "__dict__", None)
             if extra:
                 result.__dict__.update(self._build(extra, path))
+        # Plain loops, not comprehensions: one Python frame per nesting level, so the
+        # deepest tree the plan accepts (MAX_NESTING) stays far from the recursion limit.
         elif kind is list:
             result = []
             self.built[id(value)] = result
-            result.extend(self._build(item, f"{path}[{i}]") for i, item in enumerate(value))
+            for i, item in enumerate(value):
+                result.append(self._build(item, f"{path}[{i}]"))
         elif kind is tuple:
-            result = tuple(self._build(item, f"{path}[{i}]") for i, item in enumerate(value))
+            items = []
+            for i, item in enumerate(value):
+                items.append(self._build(item, f"{path}[{i}]"))
+            result = tuple(items)
         elif kind is set:
-            result = {self._build(item, path) for item in value}
+            result = set()
+            for item in value:
+                result.add(self._build(item, path))
         elif kind is ParameterRecord:
             result = self._parameter(value, path)
         elif kind is StorageRef:

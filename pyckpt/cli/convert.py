@@ -1,0 +1,102 @@
+"""``pyckpt convert``: rename keys into a new checkpoint file, streaming and atomically."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+HELP = "write a checkpoint with renamed keys (pt or safetensors), streaming, with flat memory"
+EPILOG = """\
+examples:
+  pyckpt convert ddp.pt plain.pt                          # strip module./_orig_mod./FSDP wrappers
+  pyckpt convert ddp.pt plain.pt --strip-prefix module.   # only this prefix
+  pyckpt convert ckpt.pt out.pt --rename '^encoder\\.=backbone.'
+  pyckpt convert train.pt model.safetensors --key model   # the state dict under 'model'
+  pyckpt convert ckpt.pt ckpt.pt --force                  # in place: replaced only when complete
+
+Storage bytes are copied as they are (no decode/re-encode), only data.pkl is rewritten.
+The output appears at DST only when complete; an existing DST needs --force.
+"""
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "convert", help=HELP, description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("src", metavar="SRC", help="checkpoint to read (zip, legacy, TorchScript; never modified)")
+    parser.add_argument("dst", metavar="DST", help="file to write")
+    parser.add_argument(
+        "--strip-prefix",
+        default="auto",
+        metavar="auto|none|PREFIX",
+        help="'auto' (default): leading module./_orig_mod. runs and every _fsdp_wrapped_module./"
+        "_checkpoint_wrapped_module. segment; 'none': keep keys; or a prefix to remove",
+    )
+    parser.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="REGEX=REPL",
+        help="re.sub rule applied to every key after --strip-prefix; repeatable, applied in order",
+    )
+    parser.add_argument(
+        "--format", choices=["pt", "safetensors"], help="output format (default: from DST's extension, else pt)"
+    )
+    parser.add_argument("--key", metavar="NAME", help="safetensors: the entry holding the state dict (default: found)")
+    parser.add_argument(
+        "--drop-extra",
+        action="store_true",
+        help="safetensors: drop entries that cannot be kept as metadata instead of refusing",
+    )
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+    parser.set_defaults(run=run)
+
+
+def parse_rules(rules: list[str]) -> list[tuple[str, str]]:
+    parsed = []
+    for rule in rules:
+        if "=" not in rule:
+            raise UsageError(f"--rename takes REGEX=REPL, got {rule!r}")
+        pattern, replacement = rule.split("=", 1)
+        import re
+
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(f"--rename pattern {pattern!r} is not a valid regex: {exc}") from None
+        parsed.append((pattern, replacement))
+    return parsed
+
+
+class UsageError(Exception):
+    """A command-line mistake: exit code 2."""
+
+
+def run(args: argparse.Namespace) -> int:
+    import pyckpt
+
+    from .progress import ProgressBar
+
+    strip_prefix = None if args.strip_prefix == "none" else args.strip_prefix
+    bar = ProgressBar("converting", enabled=None if not args.quiet else False)
+    try:
+        report = pyckpt.convert(
+            args.src,
+            args.dst,
+            strip_prefix=strip_prefix,
+            rename=parse_rules(args.rename),
+            format=args.format,
+            key=args.key,
+            overwrite=args.force,
+            drop_extra=args.drop_extra,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(report.summary(), file=sys.stderr)
+        if report.dropped:
+            print(f"dropped entries: {', '.join(report.dropped)}", file=sys.stderr)
+    return 0

@@ -1,0 +1,82 @@
+"""``pyckpt inspect``: what a checkpoint holds, as a table or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .progress import human_bytes
+
+HELP = "show format, tensors, dtypes, wrapper prefixes and entries of a checkpoint (reads no tensor)"
+EPILOG = """\
+examples:
+  pyckpt inspect ddp.pt            # summary and the first 40 tensors
+  pyckpt inspect ddp.pt --all      # every tensor
+  pyckpt inspect ddp.pt --json     # one JSON document (schema in the README)
+"""
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "inspect", help=HELP, description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("path", metavar="PATH", help="checkpoint to inspect")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--all", action="store_true", help="list every tensor (default: the first 40)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inspection import DEFAULT_ROWS, inspect_checkpoint
+
+    info = inspect_checkpoint(args.path, rows=None if args.all else DEFAULT_ROWS)
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render(info))
+    return 0
+
+
+def render(info: dict[str, Any]) -> str:
+    lines = [
+        f"{info['path']}",
+        f"  format      {info['format']}" + (f" (top folder '{info['top_folder']}')" if info["top_folder"] else ""),
+        f"  byte order  {info['byteorder']}",
+        f"  tensors     {info['tensors']} over {info['storages']} storages, {human_bytes(info['storage_bytes'])}",
+    ]
+    if info["compressed_storages"] or info["unaligned_storages"]:
+        lines.append(
+            f"  warning     {info['compressed_storages']} compressed and {info['unaligned_storages']} unaligned "
+            "storages: they are read, not mapped (torch.load(mmap=True) would return garbage for compressed ones)"
+        )
+    lines.append("  dtypes      " + ", ".join(
+        f"{name}: {d['tensors']} ({human_bytes(d['bytes'])})" for name, d in info["dtypes"].items()
+    ))
+    for sd in info["state_dicts"]:
+        where = f"'{sd['entry']}'" if sd["entry"] else "the root"
+        prefixes = ", ".join(f"{p} x{n}" for p, n in sd["wrapper_prefixes"].items()) or "none"
+        lines.append(f"  state dict  {where}: {sd['keys']} keys; wrapper prefixes: {prefixes}")
+        auto = sd["auto_strip"]
+        if auto["renamed"]:
+            example = auto["examples"][0]
+            lines.append(f"              --strip-prefix auto renames {auto['renamed']} keys, e.g. {example[0]} -> {example[1]}")
+        if auto["collisions"]:
+            lines.append(f"              auto stripping would collide on: {', '.join(auto['collisions'][:5])}")
+    if info["entries"]:
+        lines.append("  entries     " + ", ".join(
+            f"{e['key']}={e['value']}" if "value" in e else f"{e['key']} ({e['type']})" for e in info["entries"]
+        ))
+    if info["table"]:
+        width = min(max(len(row["key"]) for row in info["table"]), 70)
+        lines.append("")
+        lines.append(f"  {'key':<{width}}  {'dtype':<14} {'shape':<22} {'bytes':>12}")
+        for row in info["table"]:
+            key = row["key"] if len(row["key"]) <= width else "..." + row["key"][-(width - 3):]
+            shape = "x".join(map(str, row["shape"])) or "scalar"
+            lines.append(f"  {key:<{width}}  {row['dtype']:<14} {shape:<22} {row['bytes']:>12}")
+        if info["table_omitted"]:
+            lines.append(f"  ... {info['table_omitted']} more tensors (--all shows every one)")
+    return "\n".join(lines) + "\n"

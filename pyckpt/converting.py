@@ -1,0 +1,179 @@
+"""``pyckpt.convert``: rename a checkpoint's keys into a new file, streaming, atomically.
+
+Only ``data.pkl`` is rewritten for ``pt`` output; storage bytes pass through untouched
+(``copy_file_range`` where the kernel can), so memory stays flat whatever the size and the
+speed is that of copying the file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._backend import current_backend
+from .errors import CheckpointError
+from .index import index_checkpoint
+from .index.records import TensorRecord, describe_value
+from .module_loading import find_state_dict
+from .plan import check_view, iter_records
+from .rename import AUTO, RenameReport, RenameRules, make_key_map, rename_state_dict, rename_tree
+from .sinks.atomic import AtomicFile
+from .sinks.pt_writer import write_pt
+from .sinks.safetensors_writer import write_safetensors
+
+FORMAT_PT = "pt"
+FORMAT_SAFETENSORS = "safetensors"
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion did."""
+
+    source: str
+    destination: str
+    format: str
+    tensors: int
+    storages: int
+    tensor_bytes: int
+    file_bytes: int
+    renamed_keys: int
+    seconds: float
+    examples: list[tuple[str, str]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rate = self.tensor_bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+        return (
+            f"converted {self.source} -> {self.destination} ({self.format}): {self.tensors} tensors, "
+            f"{_human(self.tensor_bytes)}, {self.renamed_keys} keys renamed, {self.seconds:.2f} s ({rate:.2f} GB/s)"
+        )
+
+
+def _human(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.2f} {unit}" if unit != "B" else f"{nbytes} B"
+        value /= 1024
+    return f"{nbytes} B"
+
+
+def output_format(destination: str, requested: str | None) -> str:
+    if requested is None:
+        return FORMAT_SAFETENSORS if destination.endswith(".safetensors") else FORMAT_PT
+    if requested not in (FORMAT_PT, FORMAT_SAFETENSORS):
+        raise ValueError(f"format must be 'pt' or 'safetensors', not {requested!r}")
+    return requested
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    strip_prefix: str | None = AUTO,
+    rename: RenameRules | None = None,
+    format: str | None = None,
+    key: str | None = None,
+    overwrite: bool = False,
+    drop_extra: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ConvertReport:
+    """Write ``src`` to ``dst`` with renamed keys; nothing stands at ``dst`` unless it succeeds.
+
+    Args:
+        strip_prefix: ``"auto"`` (default), None, or a prefix; as in ``pyckpt.load``.
+        rename: ``(regex, replacement)`` pairs applied after ``strip_prefix``.
+        format: ``"pt"`` or ``"safetensors"``; default from ``dst``'s extension (else pt).
+        key: for safetensors, the entry holding the state dict (found automatically otherwise).
+        overwrite: replace an existing ``dst`` (``--force``).
+        drop_extra: for safetensors, drop top-level entries that cannot be metadata instead
+            of refusing.
+        progress: called as ``progress(bytes_done, bytes_total)``.
+    """
+    started = time.perf_counter()
+    source, destination = os.fspath(src), os.fspath(dst)
+    chosen = output_format(destination, format)
+    if not overwrite and os.path.lexists(destination):
+        raise FileExistsError(17, "File exists (use --force to replace it)", destination)
+    backend = current_backend()
+    key_map = make_key_map(strip_prefix, rename)
+    report = RenameReport()
+    with index_checkpoint(source, backend) as index:
+        try:
+            if chosen == FORMAT_PT:
+                root = rename_tree(index.root, key_map, report)
+                tensors = _check_all_views(root)
+                payload: Any = root
+                metadata: dict[str, str] = {}
+                dropped: list[str] = []
+            else:
+                original = find_state_dict(index.root, key)
+                metadata, dropped = _metadata_entries(index.root, original, drop_extra)
+                state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
+                payload = state_dict
+                tensors = len(state_dict)
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+        total = sum(record.nbytes for record in index.storages.values())
+        done = 0
+
+        def advance(nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            if progress is not None:
+                progress(done, max(total, done))
+
+        with AtomicFile(destination, overwrite=overwrite) as output:
+            try:
+                if chosen == FORMAT_PT:
+                    written = write_pt(index, payload, output.fd, destination, backend, advance)
+                else:
+                    written = write_safetensors(index, payload, metadata, output.fd, backend, advance)
+            except CheckpointError as exc:
+                raise exc.located(path=index.display)
+    return ConvertReport(
+        source=source,
+        destination=destination,
+        format=chosen,
+        tensors=tensors,
+        storages=written.storages,
+        tensor_bytes=written.tensors_bytes,
+        file_bytes=written.file_bytes,
+        renamed_keys=report.renamed,
+        seconds=time.perf_counter() - started,
+        examples=report.examples,
+        dropped=dropped,
+    )
+
+
+def _check_all_views(root: Any) -> int:
+    count = 0
+    for path, record in iter_records(root):
+        if isinstance(record, TensorRecord):
+            check_view(record, path)
+            count += 1
+    return count
+
+
+def _metadata_entries(root: Any, state_dict: Any, drop_extra: bool) -> tuple[dict[str, str], list[str]]:
+    """Top-level entries beside the state dict, as safetensors metadata (strings and numbers)."""
+    if root is state_dict or not isinstance(root, dict):
+        return {}, []
+    metadata: dict[str, str] = {}
+    lost: list[str] = []
+    for name, value in root.items():
+        if value is state_dict:
+            continue
+        if isinstance(name, str) and type(value) in (str, int, float, bool):
+            metadata[name] = str(value)
+        else:
+            lost.append(f"{name!r} ({describe_value(value)})")
+    if lost and not drop_extra:
+        raise CheckpointError(
+            "safetensors can only keep string and number entries beside the state dict; these "
+            f"would be lost: {', '.join(lost)} (pass --drop-extra to drop them, or convert to pt)"
+        )
+    return metadata, lost

@@ -1,0 +1,117 @@
+"""``pyckpt inspect``: what a checkpoint holds, from its index alone (no tensor is read).
+
+The result is one JSON-able dict; its schema is documented in the README.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from ._backend import current_backend
+from .errors import CheckpointError
+from .index import index_checkpoint
+from .index.records import METHOD_STORED, TensorRecord, describe_value
+from .plan import iter_records
+from .rename import INNER_WRAPPERS, LEADING_WRAPPERS, is_state_dict, strip_auto
+
+SCHEMA_VERSION = 1
+DEFAULT_ROWS = 40
+
+
+def inspect_checkpoint(path: str | os.PathLike[str], *, rows: int | None = DEFAULT_ROWS) -> dict[str, Any]:
+    backend = current_backend()
+    with index_checkpoint(path, backend) as index:
+        try:
+            return _describe(index, rows, backend.name)
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+
+
+def _describe(index: Any, rows: int | None, backend_name: str) -> dict[str, Any]:
+    tensors = [(path, record) for path, record in iter_records(index.root) if isinstance(record, TensorRecord)]
+    dtypes: dict[str, dict[str, int]] = {}
+    for _, tensor in tensors:
+        entry = dtypes.setdefault(str(tensor.dtype).removeprefix("torch."), {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += tensor.numel * tensor.dtype.itemsize
+    storages = index.storages.values()
+    table = [
+        {
+            "key": path,
+            "dtype": str(tensor.dtype).removeprefix("torch."),
+            "shape": list(tensor.size),
+            "bytes": tensor.numel * tensor.dtype.itemsize,
+            "storage": tensor.storage.key,
+        }
+        for path, tensor in tensors
+    ]
+    shown = table if rows is None else table[:rows]
+    return {
+        "schema": SCHEMA_VERSION,
+        "path": index.display,
+        "backend": backend_name,
+        "format": index.format,
+        "top_folder": index.top_folder,
+        "byteorder": index.byteorder,
+        "file_bytes": index.source.size,
+        "tensors": len(tensors),
+        "storages": len(index.storages),
+        "storage_bytes": sum(s.nbytes for s in storages),
+        "tensor_bytes": sum(row["bytes"] for row in table),
+        "compressed_storages": sum(1 for s in storages if s.method != METHOD_STORED),
+        "unaligned_storages": sum(1 for s in storages if s.method == METHOD_STORED and not s.mappable()),
+        "dtypes": dict(sorted(dtypes.items(), key=lambda item: -item[1]["bytes"])),
+        "state_dicts": _state_dicts(index.root),
+        "entries": _entries(index.root),
+        "table": shown,
+        "table_omitted": len(table) - len(shown),
+    }
+
+
+def _state_dicts(root: Any) -> list[dict[str, Any]]:
+    found = []
+    candidates = [("", root)] if is_state_dict(root) else []
+    if isinstance(root, dict) and not candidates:
+        candidates = [(str(k), v) for k, v in root.items() if is_state_dict(v)]
+    for where, mapping in candidates:
+        prefixes: Counter[str] = Counter()
+        for key in mapping:
+            for prefix in LEADING_WRAPPERS:
+                if key.startswith(prefix):
+                    prefixes[prefix] += 1
+            for inner in INNER_WRAPPERS:
+                if f"{inner}." in key:
+                    prefixes[f"{inner}."] += 1
+        renamed = [(k, strip_auto(k)) for k in mapping if strip_auto(k) != k]
+        targets = Counter(strip_auto(k) for k in mapping)
+        found.append(
+            {
+                "entry": where,
+                "keys": len(mapping),
+                "wrapper_prefixes": dict(prefixes),
+                "auto_strip": {
+                    "renamed": len(renamed),
+                    "examples": [list(pair) for pair in renamed[:5]],
+                    "collisions": sorted(k for k, n in targets.items() if n > 1),
+                },
+            }
+        )
+    return found
+
+
+def _entries(root: Any) -> list[dict[str, Any]]:
+    """Top-level entries that are not state dicts (epoch, optimizer, hyperparameters...)."""
+    if not isinstance(root, dict) or is_state_dict(root):
+        return []
+    out = []
+    for key, value in root.items():
+        if is_state_dict(value):
+            continue
+        item: dict[str, Any] = {"key": key if isinstance(key, str) else repr(key), "type": describe_value(value)}
+        if type(value) in (int, float, bool, str) or value is None:
+            text = repr(value)
+            item["value"] = text if len(text) <= 80 else text[:77] + "..."
+        out.append(item)
+    return out
