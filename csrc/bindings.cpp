@@ -11,6 +11,7 @@
 #include <system_error>
 
 #include "core/byte_source.h"
+#include "device/ring_loader.h"
 #include "core/error.h"
 #include "index/pickle_vm.h"
 #include "index/zip_index.h"
@@ -236,6 +237,35 @@ std::vector<pyckpt::ReadJob> read_jobs(const py::list& jobs) {
   return result;
 }
 
+std::vector<pyckpt::DevicePiece> device_pieces(const py::list& pieces) {
+  std::vector<pyckpt::DevicePiece> result;
+  result.reserve(pieces.size());
+  for (py::handle item : pieces) {
+    auto piece = item.cast<py::tuple>();
+    result.push_back({piece[0].cast<uint64_t>(), piece[1].cast<uint64_t>(), piece[2].cast<torch::Tensor>(),
+                      piece[3].cast<uint64_t>()});
+  }
+  return result;
+}
+
+py::dict ring_stats(const pyckpt::RingStats& stats) {
+  py::dict result;
+  result["spans"] = stats.spans;
+  result["copies"] = stats.copies;
+  result["bytes"] = stats.bytes;
+  result["ring_reused"] = stats.ring_reused;
+  return result;
+}
+
+pyckpt::RingConfig ring_config(const py::dict& config) {
+  pyckpt::RingConfig result;
+  result.buffer_bytes = config["buffer_bytes"].cast<uint64_t>();
+  result.buffers = config["buffers"].cast<int>();
+  result.streams = config["streams"].cast<int>();
+  result.readers = config["readers"].cast<int>();
+  return result;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -308,6 +338,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
     py::gil_scoped_release release;
     return pyckpt::copy_ranges(source_fd, dest_fd, parsed, threads);
+  });
+  m.def("copy_to_device_fd", [](int fd, uint64_t size, const py::list& pieces, const py::dict& config,
+                                const std::string& device) {
+    const std::vector<pyckpt::DevicePiece> parsed = device_pieces(pieces);
+    const pyckpt::RingConfig parsed_config = ring_config(config);
+    pyckpt::RingStats stats;
+    {
+      py::gil_scoped_release release;
+      stats = pyckpt::copy_through_ring(pyckpt::FdSource(fd, size), parsed, parsed_config, at::Device(device));
+    }
+    return ring_stats(stats);
+  });
+  m.def("copy_to_device_buffer", [](const py::buffer& buffer, const py::list& pieces, const py::dict& config,
+                                    const std::string& device) {
+    BufferView view = view_of(buffer);
+    const std::vector<pyckpt::DevicePiece> parsed = device_pieces(pieces);
+    const pyckpt::RingConfig parsed_config = ring_config(config);
+    pyckpt::RingStats stats;
+    {
+      py::gil_scoped_release release;
+      stats = pyckpt::copy_through_ring(pyckpt::MemorySource(view.data, view.size), parsed, parsed_config,
+                                       at::Device(device));
+    }
+    return ring_stats(stats);
+  });
+  m.def("release_ring", [] {
+    py::gil_scoped_release release;
+    pyckpt::release_ring();
   });
   m.def("map_file", [](const std::string& path) {
     std::shared_ptr<pyckpt::MappedFile> mapping = pyckpt::MappedFile::open(path);

@@ -151,6 +151,17 @@ class NativeBackend(_SharedPaths):
     def copy_ranges(self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, int, bool]]) -> list[int]:
         return list(self.module.copy_ranges(source_fd, dest_fd, jobs, io_threads()))
 
+    def read_storages_to_device(
+        self, index: CheckpointIndex, plans: list[StoragePlan]
+    ) -> dict[str, torch.UntypedStorage]:
+        """CUDA storages through the pinned ring; anything else staged like the Python backend."""
+        from .execute.device import storages_through_ring
+
+        result, rest = storages_through_ring(self.module, index, plans)
+        if rest:
+            result.update(super().read_storages_to_device(index, rest))
+        return result
+
     def crc32_ranges(self, source: Source, ranges: list[tuple[int, int]]) -> list[int]:
         from .index.source import FileSource
 

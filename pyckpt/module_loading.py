@@ -22,6 +22,7 @@ from ._device import MapLocation, check_map_location
 from .errors import CheckpointError
 from .execute import execute_plan
 from .execute.cpu import CopyJob, run_copy_jobs
+from .execute.device import copy_pieces, ring_capable, ring_config
 from .index import index_checkpoint
 from .index.checkpoint import CheckpointIndex
 from .index.records import ParameterRecord, TensorRecord
@@ -175,9 +176,15 @@ def _direct_fill(
     model: nn.Module,
     backend: Any,
 ) -> dict[str, torch.Tensor]:
-    """Write checkpoint bytes straight into matching host parameters; returns what was filled."""
+    """Write checkpoint bytes straight into matching parameters; returns what was filled.
+
+    Host memory is filled by (parallel) reads or inflation; CUDA memory through the native
+    pinned ring, for raw stored records. Everything else is left to the staged path.
+    """
     owners = _owners_allowing_direct_fill(model)
-    jobs: list[CopyJob] = []
+    ring = getattr(backend, "module", None)  # the native extension, when that backend runs
+    host_jobs: list[CopyJob] = []
+    device_pieces: dict[torch.device, list[tuple[int, int, torch.Tensor, int]]] = {}
     filled: dict[str, torch.Tensor] = {}
     for name, value in state_dict.items():
         target = targets.get(name)
@@ -185,13 +192,23 @@ def _direct_fill(
         owner = name.rsplit(".", 1)[0] if "." in name else ""
         if not (isinstance(record, TensorRecord) and owner in owners and _fillable(record, target)):
             continue
+        on_host = target.device.type == "cpu"
+        if not on_host and not (ring is not None and target.device.type == "cuda" and ring_capable(record.storage)):
+            continue
         check_view(record, name)
         start = record.storage_offset * record.dtype.itemsize
         dest = target.detach().reshape(-1).view(torch.uint8)
-        jobs.append(CopyJob(record.storage, start, dest))
+        if on_host:
+            host_jobs.append(CopyJob(record.storage, start, dest))
+        else:
+            piece = (record.storage.data_offset + start, dest.numel(), dest, 0)
+            device_pieces.setdefault(target.device, []).append(piece)
         filled[name] = target
     with torch.no_grad():
-        run_copy_jobs(index.source, jobs, backend)
+        run_copy_jobs(index.source, host_jobs, backend)
+        for device, pieces in device_pieces.items():
+            with torch.cuda.device(device):
+                copy_pieces(ring, index.source, pieces, device, ring_config())
     return filled
 
 
@@ -200,7 +217,6 @@ def _fillable(record: TensorRecord, target: Any) -> bool:
         isinstance(target, torch.Tensor)
         and not isinstance(target, nn.parameter.UninitializedTensorMixin)
         and type(target) in (torch.Tensor, nn.Parameter)
-        and target.device.type == "cpu"
         and target.layout == torch.strided
         and not target.is_quantized
         and target.dtype == record.dtype

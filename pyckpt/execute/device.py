@@ -1,0 +1,107 @@
+"""Storages on an accelerator: through the native pinned ring where it can, else staged.
+
+The ring (``PYCKPT_RING_BUFFERS`` x ``PYCKPT_RING_MB`` MiB of pinned host memory, 4 x 64
+by default) is allocated once per process and reused; ``release_buffers()`` frees it.
+``PYCKPT_STREAMS`` (default 2) copies run concurrently while ``PYCKPT_READERS`` threads
+(default: one per CPU, at most 4) read the next spans of the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..index.checkpoint import CheckpointIndex
+from ..index.records import METHOD_STORED, StorageRecord
+from ..index.source import FileSource, Source
+
+if TYPE_CHECKING:
+    from ..plan import StoragePlan
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    buffer_bytes: int = 64 << 20
+    buffers: int = 4
+    streams: int = 2
+    readers: int = 2
+
+    def as_dict(self) -> dict[str, int]:
+        return {"buffer_bytes": self.buffer_bytes, "buffers": self.buffers, "streams": self.streams, "readers": self.readers}
+
+
+def _positive(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, not {text!r}")
+    return value
+
+
+def ring_config(**overrides: int) -> RingConfig:
+    """The ring sizes: arguments first, then environment variables, then defaults."""
+    cpus = os.cpu_count() or 1
+    config = RingConfig(
+        buffer_bytes=_positive("PYCKPT_RING_MB", 64) << 20,
+        buffers=_positive("PYCKPT_RING_BUFFERS", 4),
+        streams=_positive("PYCKPT_STREAMS", 2),
+        readers=_positive("PYCKPT_READERS", max(1, min(4, cpus))),
+    )
+    fields = {**config.__dict__, **{k: v for k, v in overrides.items() if v is not None}}
+    return RingConfig(**fields)
+
+
+def ring_capable(record: StorageRecord) -> bool:
+    """Raw bytes in native order: the ring copies them as they are."""
+    return record.method == METHOD_STORED and not record.byteswap
+
+
+def copy_pieces(
+    native: Any, source: Source, pieces: list[tuple[int, int, torch.Tensor, int]], device: torch.device, config: RingConfig
+) -> dict[str, Any]:
+    """Run ``(file_offset, length, dest_uint8, dest_offset)`` copies through the native ring."""
+    if isinstance(source, FileSource):
+        return native.copy_to_device_fd(source.fd, source.size, pieces, config.as_dict(), str(device))
+    return native.copy_to_device_buffer(source.buffer(), pieces, config.as_dict(), str(device))
+
+
+def storages_through_ring(
+    native: Any, index: CheckpointIndex, plans: list[StoragePlan], config: RingConfig | None = None
+) -> tuple[dict[str, torch.UntypedStorage], list[StoragePlan]]:
+    """Fresh device storages for the ring-capable plans; returns them and the plans left over."""
+    from torch.serialization import validate_cuda_device  # torch's own error when CUDA is absent
+
+    config = config or ring_config()
+    result: dict[str, torch.UntypedStorage] = {}
+    rest: list[StoragePlan] = []
+    by_device: dict[torch.device, list[tuple[int, int, torch.Tensor, int]]] = {}
+    for plan in plans:
+        device = plan.device
+        if device is None or device.type != "cuda" or not ring_capable(plan.record):
+            rest.append(plan)
+            continue
+        device = torch.device("cuda", validate_cuda_device(plan.location))
+        dest = torch.empty(plan.record.nbytes, dtype=torch.uint8, device=device)
+        by_device.setdefault(device, []).append((plan.record.data_offset, plan.record.nbytes, dest, 0))
+        result[plan.record.key] = dest.untyped_storage()
+    for device, pieces in by_device.items():
+        with torch.cuda.device(device):
+            copy_pieces(native, index.source, pieces, device, config)
+    return result, rest
+
+
+def release_buffers() -> None:
+    """Free the pinned ring the native CUDA path keeps for the next load."""
+    from .._backend import native_backend
+
+    native = native_backend()
+    if native is not None:
+        native.module.release_ring()

@@ -1,0 +1,159 @@
+"""Loading to CUDA: the pinned-ring pipeline (tested here through its CPU transfer, which
+runs the same spans, buffers and threads) and, on a GPU, equality with torch."""
+
+from __future__ import annotations
+
+import os
+
+import factory
+import pytest
+import torch
+from compare import assert_same
+from torch import nn
+
+import pyckpt
+from conftest import require_backend
+from pyckpt._backend import native_backend
+from pyckpt.errors import CheckpointError
+from pyckpt.execute.device import RingConfig, copy_pieces, ring_config
+from pyckpt.index.source import BufferSource, FileSource
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def ring():
+    require_backend("native")
+    return native_backend().module
+
+
+@pytest.fixture
+def random_file(tmp_path):
+    data = os.urandom(3_000_017)
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(data)
+    return str(path), data
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        RingConfig(buffer_bytes=4096, buffers=1, streams=1, readers=1),
+        RingConfig(buffer_bytes=100_003, buffers=2, streams=3, readers=4),
+        RingConfig(buffer_bytes=1 << 20, buffers=4, streams=2, readers=2),
+    ],
+    ids=["tiny-one-buffer", "odd-sizes", "default-like"],
+)
+def test_ring_pipeline_copies_every_byte(ring, random_file, config):
+    path, data = random_file
+    # Odd sizes that straddle buffer boundaries, out of file order, one empty, one whole file.
+    spans = [(123_457, 777_777), (7, 1), (2_000_000, 1_000_017), (0, 0), (999_000, 5_000), (0, len(data))]
+    dests = [torch.full((length + 3,), 0xAB, dtype=torch.uint8) for _, length in spans]
+    pieces = [(offset, length, dest, 3) for (offset, length), dest in zip(spans, dests)]
+    with FileSource(path) as source:
+        stats = copy_pieces(ring, source, pieces, torch.device("cpu"), config)
+    for (offset, length), dest in zip(spans, dests):
+        assert bytes(dest[:3].tolist()) == b"\xab\xab\xab"  # nothing written before the offset
+        assert bytes(dest[3:].numpy()) == data[offset : offset + length]
+    assert stats["bytes"] == sum(length for _, length in spans)
+    assert stats["spans"] >= -(-len(data) // config.buffer_bytes)
+
+
+def test_ring_coalesces_small_pieces_and_is_reused(ring, random_file):
+    path, data = random_file
+    dests = [torch.empty(100, dtype=torch.uint8) for _ in range(1000)]
+    pieces = [(i * 1000, 100, dest, 0) for i, dest in enumerate(dests)]
+    config = RingConfig(buffer_bytes=1 << 20, buffers=2, streams=2, readers=2)
+    with FileSource(path) as source:
+        first = copy_pieces(ring, source, pieces, torch.device("cpu"), config)
+        second = copy_pieces(ring, source, pieces, torch.device("cpu"), config)
+    assert first["copies"] == 1000 and first["spans"] == 1  # one read serves many small tensors
+    assert second["ring_reused"]
+    assert all(bytes(d.numpy()) == data[i * 1000 : i * 1000 + 100] for i, d in enumerate(dests))
+
+
+def test_ring_from_a_buffer_source(ring):
+    data = os.urandom(50_000)
+    dest = torch.empty(40_000, dtype=torch.uint8)
+    copy_pieces(ring, BufferSource(data), [(5_000, 40_000, dest, 0)], torch.device("cpu"), RingConfig(buffer_bytes=8192))
+    assert bytes(dest.numpy()) == data[5_000:45_000]
+
+
+def test_ring_errors_are_clean_and_leave_the_ring_usable(ring, random_file):
+    path, data = random_file
+    dest = torch.empty(10, dtype=torch.uint8)
+    with FileSource(path) as source:
+        with pytest.raises(CheckpointError, match="passes the end of the file"):
+            copy_pieces(ring, source, [(len(data) - 5, 10, dest, 0)], torch.device("cpu"), RingConfig())
+        with pytest.raises(RuntimeError, match="destination too small"):
+            copy_pieces(ring, source, [(0, 11, dest, 0)], torch.device("cpu"), RingConfig())
+        copy_pieces(ring, source, [(0, 10, dest, 0)], torch.device("cpu"), RingConfig())
+    assert bytes(dest.numpy()) == data[:10]
+
+
+def test_ring_config_from_arguments_and_environment(monkeypatch):
+    monkeypatch.setenv("PYCKPT_RING_MB", "16")
+    monkeypatch.setenv("PYCKPT_RING_BUFFERS", "3")
+    monkeypatch.setenv("PYCKPT_STREAMS", "4")
+    config = ring_config(readers=1)
+    assert (config.buffer_bytes, config.buffers, config.streams, config.readers) == (16 << 20, 3, 4, 1)
+    monkeypatch.setenv("PYCKPT_STREAMS", "0")
+    with pytest.raises(ValueError, match="PYCKPT_STREAMS"):
+        ring_config()
+
+
+def test_release_buffers_is_safe_anytime():
+    from pyckpt.execute.device import release_buffers
+
+    release_buffers()
+    release_buffers()
+
+
+# --- on a GPU --------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["every_dtype", "views", "shared", "parameters", "conj_neg", "training_checkpoint"])
+def test_cuda_load_matches_torch(backend, tmp_path, case):
+    path = factory.save(factory.OBJECT_CASES[case](), tmp_path / f"{case}.pt")
+    expected = torch.load(path, weights_only=True, map_location="cuda")
+    got = pyckpt.load(path, map_location="cuda")
+    assert_same(expected, got)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_odd_sizes_straddle_ring_buffers(backend, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYCKPT_RING_MB", "1")
+    monkeypatch.setenv("PYCKPT_RING_BUFFERS", "2")
+    tensors = {f"t{i}": torch.randn(n) for i, n in enumerate([1, 262_143, 262_145, 1_000_003, 7, 524_289])}
+    tensors["view"] = tensors["t3"][5:900_000:3]
+    path = factory.save(tensors, tmp_path / "odd.pt")
+    assert_same(torch.load(path, weights_only=True, map_location="cuda"), pyckpt.load(path, map_location="cuda"))
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_model_load_state_dict(backend, tmp_path):
+    source = factory.seeded_net()
+    path = factory.save(nn.DataParallel(source).state_dict(), tmp_path / "dp.pt")
+    target = factory.Net().cuda()
+    pointers = {k: v.data_ptr() for k, v in target.state_dict().items()}
+    assert pyckpt.load_state_dict(target, path).missing_keys == []
+    assert {k: v.data_ptr() for k, v in target.state_dict().items()} == pointers
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key].cpu(), value), key
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_tensors_are_ready_on_the_current_stream(backend, tmp_path):
+    big = torch.randn(64 << 20 >> 2)  # 64 MiB: copies still in flight if nobody waited
+    path = factory.save({"w": big}, tmp_path / "big.pt")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        loaded = pyckpt.load(path, map_location="cuda")["w"]
+        doubled = loaded * 2  # runs on `side`, right after return, with no synchronize
+    torch.cuda.synchronize()
+    assert torch.equal(doubled.cpu(), big * 2)
