@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._backend import current_backend
 from .errors import CheckpointError
@@ -56,30 +57,40 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> VerifyReport:
         if index.format == FORMAT_LEGACY:
             report.notes.append("legacy format: it records no CRCs, so only structure and sizes were checked")
             return report
-        entries = list(index.entries.values())
-        unchecked = [e.name for e in entries if e.crc32 == 0 and e.size > 0]
-        if unchecked:
-            report.notes.append(f"{len(unchecked)} records carry no CRC (written with CRCs off), e.g. '{unchecked[0]}'")
-        checked = [e for e in entries if not (e.crc32 == 0 and e.size > 0)]
-        stored = [e for e in checked if e.method != METHOD_DEFLATE]
-        crcs = backend.crc32_ranges(index.source, [(e.data_offset, e.size) for e in stored])
-        actual: dict[str, int | None] = dict(zip((e.name for e in stored), crcs))
-        for entry in checked:
-            if entry.method == METHOD_DEFLATE:
-                actual[entry.name] = _inflated_crc(index, entry)
-        for entry in checked:
-            report.records += 1
-            report.bytes_checked += entry.size
-            if actual[entry.name] is None:
-                report.problems.append(f"{index.display}: record '{entry.name}': deflate data is corrupt")
-            elif actual[entry.name] != entry.crc32:
-                keys = keys_by_record.get(entry.name, [])
-                used_by = f"; holds {', '.join(repr(k) for k in keys[:3])}{' ...' if len(keys) > 3 else ''}" if keys else ""
-                report.problems.append(
-                    f"{index.display}: record '{entry.name}': CRC32 mismatch (central directory says "
-                    f"{entry.crc32:08x}, data is {actual[entry.name] or 0:08x}){used_by}"
-                )
+        try:
+            _check_crcs(index, backend, keys_by_record, report)
+        except CheckpointError as exc:
+            report.problems.append(str(exc.located(path=index.display)))
     return report
+
+
+def _check_crcs(
+    index: CheckpointIndex, backend: Any, keys_by_record: dict[str, list[str]], report: VerifyReport
+) -> None:
+    """Compare each record's CRC-32 with the central directory's, naming the keys it holds."""
+    entries = list(index.entries.values())
+    unchecked = [e.name for e in entries if e.crc32 == 0 and e.size > 0]
+    if unchecked:
+        report.notes.append(f"{len(unchecked)} records carry no CRC (written with CRCs off), e.g. '{unchecked[0]}'")
+    checked = [e for e in entries if not (e.crc32 == 0 and e.size > 0)]
+    stored = [e for e in checked if e.method != METHOD_DEFLATE]
+    crcs = backend.crc32_ranges(index.source, [(e.data_offset, e.size) for e in stored])
+    actual: dict[str, int | None] = dict(zip((e.name for e in stored), crcs))
+    for entry in checked:
+        if entry.method == METHOD_DEFLATE:
+            actual[entry.name] = _inflated_crc(index, entry)
+    for entry in checked:
+        report.records += 1
+        report.bytes_checked += entry.size
+        if actual[entry.name] is None:
+            report.problems.append(f"{index.display}: record '{entry.name}': deflate data is corrupt")
+        elif actual[entry.name] != entry.crc32:
+            keys = keys_by_record.get(entry.name, [])
+            used_by = f"; holds {', '.join(repr(k) for k in keys[:3])}{' ...' if len(keys) > 3 else ''}" if keys else ""
+            report.problems.append(
+                f"{index.display}: record '{entry.name}': CRC32 mismatch (central directory says "
+                f"{entry.crc32:08x}, data is {actual[entry.name] or 0:08x}){used_by}"
+            )
 
 
 def _inflated_crc(index: CheckpointIndex, entry: ZipEntry) -> int | None:

@@ -1,0 +1,64 @@
+"""A file truncated by another process while pyckpt has it open: paths pyckpt controls read
+with pread, so they fail with a CheckpointError instead of dying of SIGBUS."""
+
+from __future__ import annotations
+
+import os
+
+import factory
+import pytest
+import torch
+from torch import nn
+
+import pyckpt
+from pyckpt import converting, loading, module_loading, verification
+from pyckpt.index import index_checkpoint as real_index_checkpoint
+
+
+@pytest.fixture
+def truncated_after_indexing(monkeypatch):
+    """Make every pipeline truncate its input to half right after indexing it."""
+
+    def indexing_then_truncating(f, backend=None):
+        index = real_index_checkpoint(f, backend)
+        os.truncate(index.source.path, index.source.size // 2)
+        return index
+
+    for module in (loading, module_loading, converting, verification):
+        monkeypatch.setattr(module, "index_checkpoint", indexing_then_truncating)
+
+
+def _checkpoint(tmp_path):
+    state = {f"module.layer{i}.weight": torch.randn(256, 256) for i in range(4)}
+    return factory.save(state, tmp_path / "ckpt.pt")
+
+
+class Four(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        for i in range(4):
+            setattr(self, f"layer{i}", nn.Linear(256, 256, bias=False))
+
+
+def test_load_state_dict(backend, tmp_path, truncated_after_indexing):
+    path = _checkpoint(tmp_path)
+    with pytest.raises(pyckpt.CheckpointError, match="truncated|shrank") as error:
+        pyckpt.load_state_dict(Four(), path)
+    assert path in str(error.value)
+
+
+def test_load_into_owned_memory(backend, tmp_path, truncated_after_indexing):
+    with pytest.raises(pyckpt.CheckpointError, match="truncated|shrank"):
+        pyckpt.load(_checkpoint(tmp_path), mmap=False)
+
+
+def test_convert(backend, tmp_path, truncated_after_indexing):
+    destination = tmp_path / "out.pt"
+    with pytest.raises(pyckpt.CheckpointError, match="truncated|shrank"):
+        pyckpt.convert(_checkpoint(tmp_path), destination)
+    assert not destination.exists()
+
+
+def test_verify(backend, tmp_path, truncated_after_indexing):
+    report = verification.verify_checkpoint(_checkpoint(tmp_path))
+    assert not report.ok and any("truncated" in p or "shrank" in p for p in report.problems)
