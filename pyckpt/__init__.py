@@ -21,11 +21,13 @@ __all__ = [
     "convert",
     "load",
     "load_state_dict",
+    "release_buffers",
 ]
 
 if TYPE_CHECKING:
     from ._backend import BackendInfo
     from .converting import ConvertReport, convert
+    from .execute.device import release_buffers
     from .loading import load
     from .module_loading import load_state_dict
 
@@ -34,6 +36,7 @@ _LAZY = {
     "load_state_dict": "module_loading",
     "convert": "converting",
     "ConvertReport": "converting",
+    "release_buffers": "execute.device",
 }
 
 

@@ -186,6 +186,7 @@ def _direct_fill(
     host_jobs: list[CopyJob] = []
     device_pieces: dict[torch.device, list[tuple[int, int, torch.Tensor, int]]] = {}
     filled: dict[str, torch.Tensor] = {}
+    scheduled: set[tuple[Any, ...]] = set()
     for name, value in state_dict.items():
         target = targets.get(name)
         record = value.data if isinstance(value, ParameterRecord) else value
@@ -197,13 +198,18 @@ def _direct_fill(
             continue
         check_view(record, name)
         start = record.storage_offset * record.dtype.itemsize
+        filled[name] = target
+        # Tied weights: one parameter under several keys, fed from one storage range.
+        signature = (target.data_ptr(), target.device, record.storage.key, start)
+        if signature in scheduled:
+            continue
+        scheduled.add(signature)
         dest = target.detach().reshape(-1).view(torch.uint8)
         if on_host:
             host_jobs.append(CopyJob(record.storage, start, dest))
         else:
             piece = (record.storage.data_offset + start, dest.numel(), dest, 0)
             device_pieces.setdefault(target.device, []).append(piece)
-        filled[name] = target
     with torch.no_grad():
         run_copy_jobs(index.source, host_jobs, backend)
         for device, pieces in device_pieces.items():
