@@ -221,7 +221,7 @@ def _direct_fill(
 def _fillable(record: TensorRecord, target: Any) -> bool:
     return (
         isinstance(target, torch.Tensor)
-        and not isinstance(target, nn.parameter.UninitializedTensorMixin)
+        and not nn.parameter.is_lazy(target)
         and type(target) in (torch.Tensor, nn.Parameter)
         and target.layout == torch.strided
         and not target.is_quantized

@@ -91,6 +91,7 @@ def rename_tree(root: Any, key_map: KeyMap | None, report: RenameReport | None =
 def _rename(value: Any, key_map: KeyMap, report: RenameReport, done: dict[int, Any]) -> Any:
     if id(value) in done:
         return done[id(value)]
+    result: Any
     if is_state_dict(value):
         result = rename_state_dict(value, key_map, report)
     elif isinstance(value, dict):

@@ -37,11 +37,10 @@ class _at_offset:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: Any, exc: Any, traceback: Any) -> bool:
+    def __exit__(self, kind: Any, exc: Any, traceback: Any) -> None:
         if isinstance(exc, CheckpointError) and "offset" not in exc.problem:
             exc.problem = f"{exc.problem} (pickle offset {self.offset})"
             exc.args = (exc._format(),)
-        return False
 
 
 class ScriptClass:

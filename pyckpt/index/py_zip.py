@@ -210,7 +210,8 @@ def _check_name(name: str) -> None:
         or "\0" in name
         or any(part in ("..", ".") for part in parts)
     ):
-        raise CheckpointError("record name is empty, absolute or climbs out of the archive", record=name)
+        # record=None for an empty name, as the native reader (which has no "empty" record).
+        raise CheckpointError("record name is empty, absolute or climbs out of the archive", record=name or None)
 
 
 def _check_no_overlap(entries: list[ZipEntry]) -> None:

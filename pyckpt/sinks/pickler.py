@@ -70,7 +70,7 @@ def _reduce_call(record: CallRecord) -> tuple[Any, ...]:
         raise CheckpointError(f"cannot rewrite {record.func_name}: it was built more than once")
     state = record.build_states[0] if record.build_states else None
     if record.new_object:
-        return copyreg.__newobj__, (record.func, *record.args), state
+        return copyreg.__newobj__, (record.func, *record.args), state  # type: ignore[attr-defined]
     return record.func, record.args, state
 
 

@@ -58,7 +58,7 @@ def write_pt(
     by_name = {record.name: record for record in records}
 
     copies = []
-    for (key, storage), record in zip(storages, records[4 : 4 + len(storages)]):
+    for (_, storage), record in zip(storages, records[4 : 4 + len(storages)]):
         crc = known_crc(storage)
         copies.append(RangeCopy(storage, 0, storage.nbytes, record.data_offset, want_crc=crc is None, crc32=crc or 0))
     run_copies(index, copies, dest_fd, backend, progress)
