@@ -40,3 +40,24 @@ def backend(request: pytest.FixtureRequest):
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: multi-GB or long-running; run with -m slow")
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    # torch's own notices about the exotic tensors the tests build on purpose
+    for pattern in (
+        "ignore:Sparse invariant checks:UserWarning",
+        "ignore:Sparse CSR tensor support:UserWarning",
+        "ignore:.*quantize_per_tensor.*:UserWarning",
+        "ignore:ComplexHalf support is experimental:UserWarning",
+        "ignore:TypedStorage is deprecated:UserWarning",
+        "ignore:`torch.jit.*` is deprecated:DeprecationWarning",
+        "ignore:.*looks like a TorchScript archive:UserWarning",
+    ):
+        config.addinivalue_line("filterwarnings", pattern)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests run only when asked for (``-m slow``), keeping the default run short."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
