@@ -103,12 +103,12 @@ class LanguageModel(nn.Module):
         self.head.weight = self.embed.weight
 
 
-def build_model(config: LMConfig) -> LanguageModel:
-    """An already-built CPU model whose memory is touched (as after a real init) and holds NaN,
-    so a loader that skips a tensor fails the check."""
+def build_model(config: LMConfig, device: str | torch.device = "cpu") -> LanguageModel:
+    """An already-built model on ``device`` whose memory is touched (as after a real init) and
+    holds NaN, so a loader that skips a tensor fails the check."""
     with torch.device("meta"):
         model = LanguageModel(config)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     model.head.weight = model.embed.weight  # to_empty gives each module its own tensor: re-tie
     with torch.no_grad():
         for parameter in model.parameters():
@@ -148,12 +148,20 @@ class Checkpoint:
         return cls(directory, LMConfig(**meta["config"]), meta["checksums"])
 
 
-def prepare_checkpoint(data_dir: Path, size_gib: float) -> Checkpoint:
-    """The cached checkpoint of this size, generated first if missing (meta.json marks it done)."""
+def checkpoint_directory(data_dir: Path, config: LMConfig) -> Path:
+    return data_dir / f"lm-{config.width}x{config.depth}"
+
+
+def prepare_checkpoint(data_dir: Path, size_gib: float, with_safetensors: bool = True) -> Checkpoint:
+    """The cached checkpoint of this size, generated first if missing (meta.json marks it done).
+
+    ``with_safetensors=False`` neither needs nor writes the safetensors copy (no safetensors
+    package, or no disk for a second copy)."""
     config = LMConfig.for_size(size_gib)
-    directory = data_dir / f"lm-{config.width}x{config.depth}"
+    directory = checkpoint_directory(data_dir, config)
     cached = Checkpoint(directory, config, {})
-    if cached.meta_path.exists() and cached.pt_path.exists() and cached.safetensors_path.exists():
+    needed = [cached.meta_path, cached.pt_path] + ([cached.safetensors_path] if with_safetensors else [])
+    if all(path.exists() for path in needed):
         return Checkpoint.read(directory)
     directory.mkdir(parents=True, exist_ok=True)
     print(f"generating a {config.nbytes() / GIB:.2f} GiB checkpoint in {directory} ...", flush=True)
@@ -164,11 +172,12 @@ def prepare_checkpoint(data_dir: Path, size_gib: float) -> Checkpoint:
             parameter.normal_(std=0.02)
     _atomic_write(cached.pt_path, lambda tmp: torch.save(nn.DataParallel(model).state_dict(), tmp))
 
-    from safetensors.torch import save_file
+    if with_safetensors:
+        from safetensors.torch import save_file
 
-    # safetensors refuses shared tensors: the tied weight is stored once, under its owner's name.
-    plain = {k: v.detach() for k, v in model.state_dict().items() if k not in TIED_NAMES}
-    _atomic_write(cached.safetensors_path, lambda tmp: save_file(plain, str(tmp)))
+        # safetensors refuses shared tensors: the tied weight is stored once, under its owner's name.
+        plain = {k: v.detach() for k, v in model.state_dict().items() if k not in TIED_NAMES}
+        _atomic_write(cached.safetensors_path, lambda tmp: save_file(plain, str(tmp)))
 
     checksums = {name: checksum(t) for name, t in model.state_dict().items()}
     meta = {"config": asdict(config), "checksums": checksums}
@@ -204,14 +213,35 @@ def check_model(model: nn.Module, checkpoint: Checkpoint) -> list[str]:
     return problems
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], checkpoint: Checkpoint) -> list[str]:
-    """A loaded DataParallel state dict: right bytes, and the tied pair still shares storage."""
-    problems = check_tensors(state_dict, checkpoint, DP_PREFIX)
+def check_state_dict(
+    state_dict: Mapping[str, torch.Tensor], checkpoint: Checkpoint, prefix: str = DP_PREFIX
+) -> list[str]:
+    """A loaded state dict whose keys carry ``prefix`` (DataParallel's by default; "" once
+    stripped): right bytes, and the tied pair still shares storage."""
+    problems = check_tensors(state_dict, checkpoint, prefix)
     for alias, owner in TIED_NAMES.items():
-        a, b = state_dict.get(DP_PREFIX + alias), state_dict.get(DP_PREFIX + owner)
+        a, b = state_dict.get(prefix + alias), state_dict.get(prefix + owner)
         if a is not None and b is not None and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
             problems.append(f"{alias} and {owner} no longer share storage")
     return problems
+
+
+# --------------------------------------------------------------------------- files
+
+
+def filesystem_of(path: Path) -> str:
+    """``"ext4 on /dev/vda (mounted at /)"``: the mount that holds ``path`` (longest prefix
+    in /proc/self/mounts), since copy speeds depend on it (reflinks, tmpfs, ...)."""
+    target = path.resolve()
+    best: tuple[str, str, str] = ("/", "unknown", "unknown")
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            device, mount_point, fs_type = line.split()[:3]
+            mount_point = mount_point.replace("\\040", " ")
+            if target.is_relative_to(mount_point) and len(mount_point) >= len(best[0]):
+                best = (mount_point, fs_type, device)
+    mount_point, fs_type, device = best
+    return f"{fs_type} on {device} (mounted at {mount_point})"
 
 
 # --------------------------------------------------------------------------- page cache
@@ -470,6 +500,28 @@ def format_table(measurements: Mapping[str, Measurement], checkpoint: Checkpoint
 
 def wrong_rows(measurements: Mapping[str, Measurement]) -> list[str]:
     return [name for name, m in measurements.items() if m.failure]
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Aligned plain-text lines: the first column left-aligned, the last free, numbers right."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:-1], widths[1:-1], strict=True)]
+        return "  ".join(cells + [row[-1]]).rstrip()
+
+    rule = "-" * (sum(widths[:-1]) + 2 * (len(widths) - 1) + len(header[-1]))  # the free last column aside
+    return [line(header), rule] + [line(row) for row in rows]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The same rows as a GitHub markdown table (numbers right-aligned), to paste in a README."""
+
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+
+    align = ["---"] + ["---:"] * (len(header) - 2) + ["---"]
+    return [line(header), line(align)] + [line(row) for row in rows]
 
 
 # --------------------------------------------------------------------------- entry point
