@@ -97,7 +97,10 @@ def _inflated_crc(index: CheckpointIndex, entry: ZipEntry) -> int | None:
     """CRC of a deflate record's inflated bytes, or None when it does not inflate cleanly."""
     crc = 0
     try:
-        for chunk in iter_inflated(index.source, entry.data_offset, entry.compressed_size, 0, entry.size, entry.name):
+        chunks = iter_inflated(
+            index.source, entry.data_offset, entry.compressed_size, 0, entry.size, entry.name, declared=entry.size
+        )
+        for chunk in chunks:
             crc = zlib.crc32(chunk, crc)
     except CheckpointError:
         return None

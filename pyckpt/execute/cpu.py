@@ -101,15 +101,24 @@ def iter_inflated(
     produced = 0  # bytes of the record inflated so far
     consumed = 0
     pending = b""
+
+    def inflate(limit: int) -> bytes:
+        nonlocal consumed, pending
+        if not pending and consumed < stored_size:
+            take = min(INFLATE_CHUNK, stored_size - consumed)
+            pending = source.read(data_offset + consumed, take)
+            consumed += take
+        out = inflater.decompress(pending, limit)
+        pending = inflater.unconsumed_tail
+        return out
+
+    def exhausted() -> bool:
+        return not pending and consumed >= stored_size
+
     try:
         while produced < end and not inflater.eof:
-            if not pending and consumed < stored_size:
-                take = min(INFLATE_CHUNK, stored_size - consumed)
-                pending = source.read(data_offset + consumed, take)
-                consumed += take
-            out = inflater.decompress(pending, min(end - produced, INFLATE_CHUNK))
-            pending = inflater.unconsumed_tail
-            if not out and not pending and consumed >= stored_size:
+            out = inflate(min(end - produced, INFLATE_CHUNK))
+            if not out and exhausted():
                 break  # input exhausted and nothing more comes out
             skip = max(start - produced, 0)
             produced += len(out)
@@ -117,15 +126,9 @@ def iter_inflated(
                 yield out[skip:]
         if declared is not None and produced >= end >= declared:
             while not inflater.eof:
-                if not pending and consumed < stored_size:
-                    take = min(INFLATE_CHUNK, stored_size - consumed)
-                    pending = source.read(data_offset + consumed, take)
-                    consumed += take
-                more = inflater.decompress(pending, 1)
-                pending = inflater.unconsumed_tail
-                if more:
+                if inflate(1):
                     raise CheckpointError(f"deflate data inflates past the {declared} bytes it declares", record=name)
-                if not pending and consumed >= stored_size:
+                if exhausted():
                     break
     except zlib.error as exc:
         raise CheckpointError(f"corrupt deflate data: {exc}", record=name) from None

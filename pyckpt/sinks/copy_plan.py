@@ -81,7 +81,8 @@ def _inflate_to_file(index: CheckpointIndex, copy: RangeCopy, dest_fd: int, prog
     offset = copy.dest_offset
     storage = copy.storage
     chunks = iter_inflated(
-        index.source, storage.data_offset, storage.stored_size, copy.start, copy.start + copy.length, storage.record
+        index.source, storage.data_offset, storage.stored_size, copy.start, copy.start + copy.length, storage.record,
+        declared=storage.record_size,
     )
     for chunk in chunks:
         crc = zlib.crc32(chunk, crc)
