@@ -5,13 +5,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <exception>
-#include <mutex>
 #include <system_error>
-#include <thread>
 
 #include "core/byte_source.h"
 #include "core/error.h"
+#include "core/parallel.h"
 #include "io/crc32.h"
 
 namespace pyckpt {
@@ -71,36 +69,15 @@ uint32_t user_copy(int source_fd, int dest_fd, const CopyJob& job, std::vector<u
 std::vector<uint32_t> copy_ranges(int source_fd, int dest_fd, const std::vector<CopyJob>& jobs,
                                   int threads) {
   std::vector<uint32_t> crcs(jobs.size(), 0);
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
   std::atomic<bool> kernel_ok{true};
-  std::exception_ptr first_error;
-  std::mutex error_lock;
-  auto work = [&] {
-    std::vector<uint8_t> buffer;
-    while (!failed.load(std::memory_order_relaxed)) {
-      const size_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= jobs.size()) return;
-      try {
-        const CopyJob& job = jobs[i];
-        if (job.length == 0) continue;
-        if (!job.want_crc && kernel_ok.load() && kernel_copy(source_fd, dest_fd, job)) continue;
-        if (!job.want_crc) kernel_ok = false;
-        if (buffer.empty()) buffer.resize(kBufferBytes);
-        crcs[i] = user_copy(source_fd, dest_fd, job, buffer);
-      } catch (...) {
-        std::lock_guard<std::mutex> guard(error_lock);
-        if (!first_error) first_error = std::current_exception();
-        failed = true;
-      }
-    }
-  };
-  const size_t count = std::min<size_t>(static_cast<size_t>(std::max(1, threads)), jobs.size());
-  std::vector<std::thread> pool;
-  for (size_t i = 1; i < count; ++i) pool.emplace_back(work);
-  if (count > 0) work();
-  for (std::thread& thread : pool) thread.join();
-  if (first_error) std::rethrow_exception(first_error);
+  parallel_for<std::vector<uint8_t>>(jobs.size(), threads, [&](size_t i, std::vector<uint8_t>& buffer) {
+    const CopyJob& job = jobs[i];
+    if (job.length == 0) return;
+    if (!job.want_crc && kernel_ok.load() && kernel_copy(source_fd, dest_fd, job)) return;
+    if (!job.want_crc) kernel_ok = false;  // this filesystem pair cannot: copy in user space
+    if (buffer.empty()) buffer.resize(kBufferBytes);
+    crcs[i] = user_copy(source_fd, dest_fd, job, buffer);
+  });
   return crcs;
 }
 

@@ -2,10 +2,8 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <exception>
-#include <mutex>
-#include <thread>
+
+#include "core/parallel.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -189,36 +187,17 @@ std::vector<uint32_t> parallel_crc32(const ByteSource& source, const std::vector
       done += length;
     } while (done < ranges[r].length);
   }
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  std::exception_ptr first_error;
-  std::mutex error_lock;
-  auto work = [&] {
-    std::vector<uint8_t> buffer(static_cast<size_t>(std::min<uint64_t>(chunk_bytes, 1 << 20)));
-    while (!failed.load(std::memory_order_relaxed)) {
-      const size_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= pieces.size()) return;
-      try {
-        uint32_t crc = 0;
-        for (uint64_t done = 0; done < pieces[i].length; done += buffer.size()) {
-          const uint64_t length = std::min<uint64_t>(buffer.size(), pieces[i].length - done);
-          source.read_into(pieces[i].offset + done, length, buffer.data());
-          crc = crc32_update(crc, buffer.data(), static_cast<size_t>(length));
-        }
-        pieces[i].crc = crc;
-      } catch (...) {
-        std::lock_guard<std::mutex> guard(error_lock);
-        if (!first_error) first_error = std::current_exception();
-        failed = true;
-      }
+  const size_t buffer_bytes = static_cast<size_t>(std::min<uint64_t>(chunk_bytes, 1 << 20));
+  parallel_for<std::vector<uint8_t>>(pieces.size(), threads, [&](size_t i, std::vector<uint8_t>& buffer) {
+    if (buffer.empty()) buffer.resize(buffer_bytes);
+    uint32_t crc = 0;
+    for (uint64_t done = 0; done < pieces[i].length; done += buffer.size()) {
+      const uint64_t length = std::min<uint64_t>(buffer.size(), pieces[i].length - done);
+      source.read_into(pieces[i].offset + done, length, buffer.data());
+      crc = crc32_update(crc, buffer.data(), static_cast<size_t>(length));
     }
-  };
-  const size_t count = std::min<size_t>(static_cast<size_t>(std::max(1, threads)), pieces.size());
-  std::vector<std::thread> pool;
-  for (size_t i = 1; i < count; ++i) pool.emplace_back(work);
-  work();
-  for (std::thread& thread : pool) thread.join();
-  if (first_error) std::rethrow_exception(first_error);
+    pieces[i].crc = crc;
+  });
 
   std::vector<uint32_t> result(ranges.size(), 0);
   std::vector<bool> started(ranges.size(), false);
