@@ -1,5 +1,6 @@
 #include "io/copy_ranges.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -73,10 +74,16 @@ std::vector<uint32_t> copy_ranges(int source_fd, int dest_fd, const std::vector<
   parallel_for<std::vector<uint8_t>>(jobs.size(), threads, [&](size_t i, std::vector<uint8_t>& buffer) {
     const CopyJob& job = jobs[i];
     if (job.length == 0) return;
-    if (!job.want_crc && kernel_ok.load() && kernel_copy(source_fd, dest_fd, job)) return;
-    if (!job.want_crc) kernel_ok = false;  // this filesystem pair cannot: copy in user space
-    if (buffer.empty()) buffer.resize(kBufferBytes);
-    crcs[i] = user_copy(source_fd, dest_fd, job, buffer);
+    const bool copied = !job.want_crc && kernel_ok.load() && kernel_copy(source_fd, dest_fd, job);
+    if (!copied) {
+      if (!job.want_crc) kernel_ok = false;  // this filesystem pair cannot: copy in user space
+      if (buffer.empty()) buffer.resize(kBufferBytes);
+      crcs[i] = user_copy(source_fd, dest_fd, job, buffer);
+    }
+    // Start writing these pages back now, so the caller's final fsync overlaps the copy
+    // instead of following it. Advisory: an error here changes nothing.
+    ::sync_file_range(dest_fd, static_cast<off64_t>(job.dest_offset), static_cast<off64_t>(job.length),
+                      SYNC_FILE_RANGE_WRITE);
   });
   return crcs;
 }
