@@ -8,6 +8,7 @@ missing or broken extension into an ImportError instead of a silent fallback (CI
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -212,6 +213,19 @@ def _ensure() -> tuple[Backend, BackendInfo]:
 
 def current_backend() -> Backend:
     return _ensure()[0]
+
+
+def index_backend() -> Backend:
+    """The backend for work that needs no torch (convert, inspect, verify).
+
+    The native extension links against torch, so loading it means importing torch (over a
+    second): worth it inside a program that already has torch, not for a command-line run
+    whose work is indexing and kernel-side copies. So: the chosen backend when torch is
+    already imported, else the Python one.
+    """
+    if _state is not None or "torch" in sys.modules:
+        return current_backend()
+    return PythonBackend()
 
 
 def backend_info() -> BackendInfo:

@@ -13,13 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._backend import current_backend
+from ._backend import index_backend
 from .errors import CheckpointError
 from .index import index_checkpoint
 from .index.records import TensorRecord, describe_value
-from .module_loading import find_state_dict
 from .plan import check_view, iter_records
-from .rename import AUTO, RenameReport, RenameRules, make_key_map, rename_state_dict, rename_tree
+from .rename import AUTO, RenameReport, RenameRules, find_state_dict, make_key_map, rename_state_dict, rename_tree
 from .sinks.atomic import AtomicFile
 from .sinks.pt_writer import write_pt
 from .sinks.safetensors_writer import write_safetensors
@@ -98,7 +97,7 @@ def convert(
     chosen = output_format(destination, format)
     if not overwrite and os.path.lexists(destination):
         raise FileExistsError(17, "File exists (use --force to replace it)", destination)
-    backend = current_backend()
+    backend = index_backend()
     key_map = make_key_map(strip_prefix, rename)
     report = RenameReport()
     with index_checkpoint(source, backend) as index:

@@ -28,10 +28,10 @@ from .index.checkpoint import CheckpointIndex
 from .index.records import ParameterRecord, TensorRecord
 from .index.source import FileArg
 from .plan import check_view, plan_storages
-from .rename import is_state_dict, rename_state_dict, strip_auto
+from .rename import find_state_dict, rename_state_dict, strip_auto
 from .sinks.objects import build_objects
+from .sinks.torch_values import same_dtype
 
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 
 # Modules whose own _load_from_state_dict only adds or adjusts bookkeeping entries and then
 # copies parameters like nn.Module does, so their parameters may be filled directly.
@@ -103,35 +103,6 @@ def load_state_dict(
     if metadata is not None:
         final._metadata = metadata  # type: ignore[attr-defined]
     return model.load_state_dict(final, strict=strict, assign=assign)
-
-
-def find_state_dict(root: Any, key: str | None) -> dict[str, Any]:
-    """The model's state dict inside a checkpoint: ``root[key]``, the root, or a known entry."""
-    if key is not None:
-        if not isinstance(root, Mapping) or key not in root:
-            available = ", ".join(repr(k) for k in root) if isinstance(root, Mapping) else "none"
-            raise CheckpointError(f"no entry {key!r} in the checkpoint (top-level entries: {available})")
-        if not is_state_dict(root[key]):
-            raise CheckpointError(f"entry {key!r} is not a mapping of names to tensors")
-        return root[key]
-    if is_state_dict(root):
-        return root
-    if isinstance(root, Mapping):
-        for candidate in STATE_DICT_KEYS:
-            if candidate in root and is_state_dict(root[candidate]):
-                return root[candidate]
-        found = [k for k, v in root.items() if is_state_dict(v)]
-        if len(found) == 1:
-            return root[found[0]]
-        if found:
-            raise CheckpointError(
-                f"several entries hold state dicts ({', '.join(map(repr, found))}); choose one with key="
-            )
-        raise CheckpointError(
-            "no state dict found in the checkpoint (top-level entries: "
-            f"{', '.join(repr(k) for k in root)}); name it with key="
-        )
-    raise CheckpointError(f"the checkpoint holds a {type(root).__name__}, not a state dict")
 
 
 def key_matcher(state_dict: Mapping[str, Any], targets: Mapping[str, Any]):  # type: ignore[no-untyped-def]
@@ -225,7 +196,7 @@ def _fillable(record: TensorRecord, target: Any) -> bool:
         and type(target) in (torch.Tensor, nn.Parameter)
         and target.layout == torch.strided
         and not target.is_quantized
-        and target.dtype == record.dtype
+        and same_dtype(record.dtype, target.dtype)
         and tuple(target.shape) == record.size
         and target.is_contiguous()
         and record.is_contiguous()

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ._device import MapLocation, location_device, target_location
 from .errors import CheckpointError
 from .index.records import CallRecord, ParameterRecord, StorageRecord, StorageRef, TensorRecord
+
+if TYPE_CHECKING:  # checking views needs no torch; placing storages on devices does
+    import torch
+
+    from ._device import MapLocation
 
 MAX_NESTING = 512
 INT64_MAX = (1 << 63) - 1
@@ -127,6 +129,8 @@ def plan_storages(
 
 
 def _plan_one(storage: StorageRecord, map_location: MapLocation, *, mmap: bool | None, can_map: bool) -> StoragePlan:
+    from ._device import location_device, target_location
+
     location = target_location(map_location, storage.location)
     if location is None:
         return StoragePlan(storage, HOW_RESTORE, None, None)

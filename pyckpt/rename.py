@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from .errors import KeyCollisionError
+from .errors import CheckpointError, KeyCollisionError
 from .index.records import is_tensor_like
 
 LEADING_WRAPPERS = ("module.", "_orig_mod.")
@@ -200,3 +200,35 @@ def rename_metadata(metadata: Any, module_map: KeyMap) -> Any:
         chosen[new_path] = (changed, value)
     ordered = sorted(chosen.items(), key=lambda item: first_seen[item[0]])
     return OrderedDict((path, value) for path, (_, value) in ordered)
+
+
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+
+
+def find_state_dict(root: Any, key: str | None) -> dict[str, Any]:
+    """The model's state dict inside a checkpoint: ``root[key]``, the root, or a known entry."""
+    if key is not None:
+        if not isinstance(root, Mapping) or key not in root:
+            available = ", ".join(repr(k) for k in root) if isinstance(root, Mapping) else "none"
+            raise CheckpointError(f"no entry {key!r} in the checkpoint (top-level entries: {available})")
+        if not is_state_dict(root[key]):
+            raise CheckpointError(f"entry {key!r} is not a mapping of names to tensors")
+        return root[key]
+    if is_state_dict(root):
+        return root
+    if isinstance(root, Mapping):
+        for candidate in STATE_DICT_KEYS:
+            if candidate in root and is_state_dict(root[candidate]):
+                return root[candidate]
+        found = [k for k, v in root.items() if is_state_dict(v)]
+        if len(found) == 1:
+            return root[found[0]]
+        if found:
+            raise CheckpointError(
+                f"several entries hold state dicts ({', '.join(map(repr, found))}); choose one with key="
+            )
+        raise CheckpointError(
+            "no state dict found in the checkpoint (top-level entries: "
+            f"{', '.join(repr(k) for k in root)}); name it with key="
+        )
+    raise CheckpointError(f"the checkpoint holds a {type(root).__name__}, not a state dict")

@@ -11,11 +11,10 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._backend import current_backend
+from ._backend import index_backend
 from .errors import CheckpointError
-from .execute.cpu import iter_inflated
 from .index import FORMAT_LEGACY, index_checkpoint
-from .index.checkpoint import CheckpointIndex
+from .index.checkpoint import CheckpointIndex, iter_inflated
 from .index.records import METHOD_DEFLATE, TensorRecord, ZipEntry
 from .plan import check_view, iter_records
 
@@ -37,7 +36,7 @@ class VerifyReport:
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> VerifyReport:
     report = VerifyReport(os.fspath(path))
-    backend = current_backend()
+    backend = index_backend()
     try:
         index = index_checkpoint(path, backend)
     except CheckpointError as exc:

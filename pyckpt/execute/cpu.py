@@ -7,22 +7,20 @@ holds; big-endian data is swapped in place afterwards.
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import CheckpointError
-from ..index.checkpoint import CheckpointIndex
+from ..index.checkpoint import CheckpointIndex, iter_inflated
 from ..index.records import METHOD_DEFLATE, StorageRecord
 from ..index.source import Source
+from ..sinks.torch_values import torch_dtype
 
 if TYPE_CHECKING:
     from .._backend import Backend
 
-INFLATE_CHUNK = 4 << 20
 
 
 @dataclass(slots=True)
@@ -62,7 +60,7 @@ def read_storages(
     result = {key: buffer.untyped_storage() for key, buffer in buffers.items()}
     for record in records:
         if record.byteswap:
-            result[record.key].byteswap(record.dtype)
+            result[record.key].byteswap(torch_dtype(record.dtype))
     return result
 
 
@@ -85,55 +83,3 @@ def inflate_into(source: Source, record: StorageRecord, start: int, dest: memory
     ):
         dest[at : at + len(chunk)] = chunk
         at += len(chunk)
-
-
-def iter_inflated(
-    source: Source, data_offset: int, stored_size: int, start: int, end: int, name: str | None,
-    *, declared: int | None = None,
-) -> Iterator[bytes]:
-    """Bytes ``[start, end)`` of the deflate record ``name``, in chunks; never inflates past ``end``.
-
-    ``declared`` is the record's uncompressed size from the zip directory: when ``end``
-    reaches it, the stream must end there too (a bomb that declares a small size and
-    inflates to gigabytes is refused after one more byte, not silently cut).
-    """
-    inflater = zlib.decompressobj(-15)
-    produced = 0  # bytes of the record inflated so far
-    consumed = 0
-    pending = b""
-
-    def inflate(limit: int) -> bytes:
-        nonlocal consumed, pending
-        if not pending and consumed < stored_size:
-            take = min(INFLATE_CHUNK, stored_size - consumed)
-            pending = source.read(data_offset + consumed, take)
-            consumed += take
-        out = inflater.decompress(pending, limit)
-        pending = inflater.unconsumed_tail
-        return out
-
-    def exhausted() -> bool:
-        return not pending and consumed >= stored_size
-
-    try:
-        while produced < end and not inflater.eof:
-            out = inflate(min(end - produced, INFLATE_CHUNK))
-            if not out and exhausted():
-                break  # input exhausted and nothing more comes out
-            skip = max(start - produced, 0)
-            produced += len(out)
-            if skip < len(out):
-                yield out[skip:]
-        if declared is not None and produced >= end >= declared:
-            while not inflater.eof:
-                if inflate(1):
-                    raise CheckpointError(f"deflate data inflates past the {declared} bytes it declares", record=name)
-                if exhausted():
-                    break
-    except zlib.error as exc:
-        raise CheckpointError(f"corrupt deflate data: {exc}", record=name) from None
-    if produced < end:
-        raise CheckpointError(
-            f"deflate data inflates to {produced} bytes, fewer than the {end} the storage needs",
-            record=name,
-        )

@@ -1,19 +1,15 @@
-"""What a checkpoint may name: torch's own weights-only allowlist, and nothing else.
+"""The rules for what a checkpoint may call, and the values the index builds itself.
 
-Both unpicklers take their rules from here, so pyckpt accepts exactly the globals the
-installed torch accepts under ``weights_only=True`` (user additions through
-``torch.serialization.add_safe_globals`` are deliberately not honoured), and the modules
-torch blocks are refused even if someone allowlists them.
+Names and facts come from :mod:`pyckpt.index.symbols` (torch's allowlist, known without
+importing torch). Modules torch always blocks are refused even if someone allowlists them.
 """
 
 from __future__ import annotations
 
-import functools
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
-import torch
+from .symbols import LAYOUTS
 
 BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt"})
 
@@ -38,7 +34,6 @@ CODECS_ENCODE = "_codecs.encode"
 TORCH_SIZE = "torch.Size"
 TORCH_DEVICE = "torch.device"
 GET_LAYOUT = "torch.serialization._get_layout"
-UNTYPED_STORAGE = "torch.storage.UntypedStorage"
 
 # TorchScript archives pickle their module tree with a few helpers of their own; the
 # index treats them as the identity on their first argument instead of importing them.
@@ -54,39 +49,12 @@ TORCHSCRIPT_IDENTITY_HELPERS = frozenset(
 TORCHSCRIPT_CLASS_PREFIX = "__torch__."
 
 
-@dataclass(frozen=True)
-class Allowlist:
-    """The resolved rules: global name -> object, and storage class name -> dtype."""
-
-    globals: dict[str, Any]
-    storage_dtypes: dict[str, torch.dtype]
-    dtypes_by_name: dict[str, torch.dtype]
-
-    def resolve_module(self, module: str) -> str:
-        return PY2_MODULES.get(module, module)
-
-
-@functools.lru_cache(maxsize=1)
-def allowlist() -> Allowlist:
-    from torch._weights_only_unpickler import _get_allowed_globals
-
-    allowed = dict(_get_allowed_globals())
-    storage_dtypes: dict[str, torch.dtype] = {}
-    for name, obj in allowed.items():
-        dtype = getattr(obj, "dtype", None)
-        if name.endswith("Storage") and isinstance(dtype, torch.dtype):
-            storage_dtypes[name] = dtype
-    storage_dtypes[UNTYPED_STORAGE] = torch.uint8
-    dtypes_by_name = {
-        str(value).removeprefix("torch."): value
-        for value in vars(torch).values()
-        if isinstance(value, torch.dtype)
-    }
-    return Allowlist(allowed, storage_dtypes, dtypes_by_name)
+def resolve_module(module: str) -> str:
+    return PY2_MODULES.get(module, module)
 
 
 def plain_value(name: str, args: tuple[Any, ...]) -> tuple[bool, Any]:
-    """Evaluate the allowlisted constructors of plain values, with safe argument checks.
+    """Evaluate the allowlisted constructors of plain Python values, with safe argument checks.
 
     Returns ``(True, value)`` when ``name`` is one of them, else ``(False, None)``. Raises
     ``ValueError`` with a description when the arguments are not what torch.save writes;
@@ -129,25 +97,29 @@ def plain_value(name: str, args: tuple[Any, ...]) -> tuple[bool, Any]:
         if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
             return True, bytearray(args[0], "latin-1")
         raise ValueError("bytearray is only accepted over bytes or a latin1 string")
+    return False, None
+
+
+def check_torch_value(name: str, args: tuple[Any, ...]) -> bool:
+    """Validate the arguments of torch's value constructors (built at materialisation).
+
+    Returns False when ``name`` is none of them; raises ValueError on arguments torch.save
+    never writes.
+    """
     if name == TORCH_SIZE:
-        if len(args) == 1 and isinstance(args[0], (tuple, list)) and all(
-            type(v) is int for v in args[0]
-        ):
-            return True, torch.Size(args[0])
+        if len(args) == 1 and isinstance(args[0], (tuple, list)) and all(type(v) is int for v in args[0]):
+            return True
         raise ValueError("torch.Size takes one sequence of ints")
     if name == TORCH_DEVICE:
-        if 1 <= len(args) <= 2 and isinstance(args[0], str) and (
-            len(args) == 1 or type(args[1]) is int
-        ):
-            return True, torch.device(*args)
+        if 1 <= len(args) <= 2 and isinstance(args[0], str) and (len(args) == 1 or type(args[1]) is int):
+            if len(args[0]) <= 64:
+                return True
         raise ValueError("torch.device takes a string and an optional index")
     if name == GET_LAYOUT:
-        if len(args) == 1 and isinstance(args[0], str):
-            layout = getattr(torch, args[0].removeprefix("torch."), None)
-            if isinstance(layout, torch.layout):
-                return True, layout
+        if len(args) == 1 and isinstance(args[0], str) and args[0] in LAYOUTS:
+            return True
         raise ValueError("_get_layout takes the name of a torch layout")
-    return False, None
+    return False
 
 
 def _is_real(value: Any) -> bool:

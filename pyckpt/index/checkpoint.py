@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from .source import Source
 FORMAT_ZIP = "zip"
 FORMAT_TORCHSCRIPT = "torchscript"
 FORMAT_LEGACY = "legacy"
+INFLATE_CHUNK = 4 << 20
 
 
 @dataclass(eq=False)
@@ -45,9 +47,13 @@ def read_small_record(source: Source, entry: ZipEntry, *, limit: int = 1 << 31) 
     """A metadata record's bytes (data.pkl, byteorder, code): inflated and CRC-checked."""
     if entry.size > limit:
         raise CheckpointError(f"record declares {entry.size} bytes, more than the {limit} allowed", record=entry.name)
-    raw = source.read(entry.data_offset, entry.compressed_size)
     if entry.method == METHOD_DEFLATE:
-        raw = inflate_exactly(raw, entry.size, entry.name)
+        inflated = iter_inflated(
+            source, entry.data_offset, entry.compressed_size, 0, entry.size, entry.name, declared=entry.size
+        )
+        raw = b"".join(inflated)
+    else:
+        raw = source.read(entry.data_offset, entry.compressed_size)
     # torch can be told not to compute CRCs, in which case it writes 0.
     if entry.crc32 != 0 and zlib.crc32(raw) != entry.crc32:
         raise CheckpointError(
@@ -57,15 +63,53 @@ def read_small_record(source: Source, entry: ZipEntry, *, limit: int = 1 << 31) 
     return raw
 
 
-def inflate_exactly(raw: bytes | memoryview, size: int, name: str) -> bytes:
-    """Inflate a raw-deflate record, producing at most ``size`` bytes and demanding exactly that."""
+def iter_inflated(
+    source: Source, data_offset: int, stored_size: int, start: int, end: int, name: str | None,
+    *, declared: int | None = None,
+) -> Iterator[bytes]:
+    """Bytes ``[start, end)`` of the deflate record ``name``, in chunks; never inflates past ``end``.
+
+    ``declared`` is the record's uncompressed size from the zip directory: when ``end``
+    reaches it, the stream must end there too (a bomb that declares a small size and
+    inflates to gigabytes is refused after one more byte, not silently cut).
+    """
     inflater = zlib.decompressobj(-15)
+    produced = 0  # bytes of the record inflated so far
+    consumed = 0
+    pending = b""
+
+    def inflate(limit: int) -> bytes:
+        nonlocal consumed, pending
+        if not pending and consumed < stored_size:
+            take = min(INFLATE_CHUNK, stored_size - consumed)
+            pending = source.read(data_offset + consumed, take)
+            consumed += take
+        out = inflater.decompress(pending, limit)
+        pending = inflater.unconsumed_tail
+        return out
+
+    def exhausted() -> bool:
+        return not pending and consumed >= stored_size
+
     try:
-        out = inflater.decompress(raw, size)
+        while produced < end and not inflater.eof:
+            out = inflate(min(end - produced, INFLATE_CHUNK))
+            if not out and exhausted():
+                break  # input exhausted and nothing more comes out
+            skip = max(start - produced, 0)
+            produced += len(out)
+            if skip < len(out):
+                yield out[skip:]
+        if declared is not None and produced >= end >= declared:
+            while not inflater.eof:
+                if inflate(1):
+                    raise CheckpointError(f"deflate data inflates past the {declared} bytes it declares", record=name)
+                if exhausted():
+                    break
     except zlib.error as exc:
         raise CheckpointError(f"corrupt deflate data: {exc}", record=name) from None
-    if len(out) != size or not inflater.eof:
+    if produced < end:
         raise CheckpointError(
-            f"deflate data does not inflate to the declared {size} bytes", record=name
+            f"deflate data inflates to {produced} bytes, fewer than the {end} the storage needs",
+            record=name,
         )
-    return out

@@ -14,13 +14,12 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from ..errors import CheckpointError, UnsafeCheckpointError
 from . import allowlist as names
 from .records import CallRecord, ParameterRecord, ScriptObject, StorageRecord, StorageRef, TensorRecord
+from .symbols import ALLOWED_GLOBALS, NOT_CALLABLE, STORAGE_TYPES, DType, Symbol, dtype_of_global, symbol
 
-PersistentLoad = Callable[[str, torch.dtype, str, int, Any], StorageRecord]
+PersistentLoad = Callable[[str, DType, str, int, Any], StorageRecord]
 
 INT64_MAX = (1 << 63) - 1
 REFUSED_BUILD = "refused BUILD: only Parameter, OrderedDict and allowlisted objects may be built"
@@ -59,20 +58,19 @@ class Interpreter:
     """Turns the unpickler's GLOBAL / REDUCE / NEWOBJ / BUILD / BINPERSID into values."""
 
     def __init__(self, persistent_load: PersistentLoad, *, torchscript: bool = False) -> None:
-        self.rules = names.allowlist()
+        self.allowed = ALLOWED_GLOBALS
         self.persistent_load_fn = persistent_load
         self.torchscript = torchscript
-        self._names_by_id = {id(obj): name for name, obj in self.rules.globals.items()}
         self._script_classes: dict[str, ScriptClass] = {}
 
     # -- GLOBAL -----------------------------------------------------------------------
     def check_global(self, module: str, name: str) -> str:
         """Return the full name if the global may be named, else raise."""
-        module = self.rules.resolve_module(module)
+        module = names.resolve_module(module)
         full = f"{module}.{name}"
         if module in names.BLOCKED_MODULES or module.split(".", 1)[0] in names.BLOCKED_MODULES:
             raise UnsafeCheckpointError(f"refused global {full}: module {module} is always blocked")
-        if full in self.rules.globals:
+        if full in self.allowed:
             return full
         if self.torchscript and (
             full.startswith(names.TORCHSCRIPT_CLASS_PREFIX) or full in names.TORCHSCRIPT_IDENTITY_HELPERS
@@ -84,19 +82,23 @@ class Interpreter:
         )
 
     def resolve_global(self, full_name: str) -> Any:
-        """The value a GLOBAL pushes: the allowlisted object, or a TorchScript class marker."""
-        obj = self.rules.globals.get(full_name)
-        if obj is not None:
-            return obj
+        """The value a GLOBAL pushes: a DType, a Symbol, or a TorchScript class marker."""
+        if full_name in self.allowed:
+            return dtype_of_global(full_name) or symbol(full_name)
         script_class = self._script_classes.get(full_name)
         if script_class is None:
             script_class = self._script_classes[full_name] = ScriptClass(full_name)
         return script_class
 
     def global_name(self, obj: Any) -> str | None:
+        """The name of a value a GLOBAL pushed (None for anything else)."""
+        if isinstance(obj, Symbol):
+            return obj.name
+        if isinstance(obj, DType):
+            return str(obj)
         if isinstance(obj, ScriptClass):
             return obj.qualified_name
-        return self._names_by_id.get(id(obj))
+        return None
 
     # -- the entry points both VMs use, with the opcode offset for messages --------------
     def call_at(self, func_name: str, args: Any, new_object: bool, offset: int) -> Any:
@@ -150,10 +152,10 @@ class Interpreter:
         handled, value = names.plain_value(name, args)
         if handled:
             return value
-        func = self.rules.globals.get(name)
-        if func is None or not callable(func):
+        if name not in self.allowed or name in NOT_CALLABLE:
             raise ValueError("it cannot be called")
-        return CallRecord(func, args, new_object=new_object)
+        names.check_torch_value(name, args)
+        return CallRecord(symbol(name), args, new_object=new_object)
 
     def _tensor(self, name: str, args: tuple[Any, ...]) -> TensorRecord:
         if name == names.REBUILD_TENSOR:
@@ -172,7 +174,7 @@ class Interpreter:
             ref, offset, size, stride, requires_grad = args[:5]
             dtype = args[6]
             metadata = args[7] if len(args) == 8 else None
-            if not isinstance(dtype, torch.dtype):
+            if not isinstance(dtype, DType):
                 raise ValueError("the dtype argument is not a torch dtype")
         if not isinstance(ref, StorageRef):
             raise ValueError("the storage argument is not a storage")
@@ -225,8 +227,8 @@ class Interpreter:
             raise CheckpointError(f"storage persistent id has {len(pid)} fields, expected 5 or 6")
         storage_type, key, location, numel = pid[1:5]
         view = pid[5] if len(pid) == 6 else None
-        dtype = getattr(storage_type, "dtype", None) if storage_type is not torch.UntypedStorage else torch.uint8
-        if not isinstance(dtype, torch.dtype) or self.global_name(storage_type) not in self.rules.storage_dtypes:
+        dtype = STORAGE_TYPES.get(storage_type.name) if isinstance(storage_type, Symbol) else None
+        if dtype is None:
             raise CheckpointError("storage persistent id names no storage type")
         if isinstance(key, int) and type(key) is not bool:
             key = str(key)
@@ -261,7 +263,7 @@ def _index(value: Any, what: str) -> int:
 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
-    if type(value) not in (tuple, list, torch.Size):
+    if type(value) not in (tuple, list):
         raise ValueError(f"{what} is not a tuple")
     for item in value:
         _index(item, what)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..errors import CheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
 from .checkpoint import FORMAT_LEGACY, CheckpointIndex
 from .interpret import Interpreter
 from .records import StorageRecord
 from .source import Source
+from .symbols import DType
 
 if TYPE_CHECKING:
     from .._backend import Backend
@@ -58,7 +57,7 @@ def _index(source: Source, backend: Backend, head: bytes) -> CheckpointIndex:
 
     storages: dict[str, StorageRecord] = {}
 
-    def persistent_load(key: str, dtype: torch.dtype, location: str, numel: int, view: Any) -> StorageRecord:
+    def persistent_load(key: str, dtype: DType, location: str, numel: int, view: Any) -> StorageRecord:
         known = storages.get(key)
         if known is None:
             known = storages[key] = StorageRecord(

@@ -25,7 +25,7 @@ def unpickle(native: ModuleType, data: bytes, interpreter: Interpreter, *, start
         data,
         start,
         interpreter,
-        allowed=list(interpreter.rules.globals),
+        allowed=sorted(interpreter.allowed),
         torchscript_helpers=sorted(names.TORCHSCRIPT_IDENTITY_HELPERS),
         torchscript=interpreter.torchscript,
     )

@@ -1,16 +1,19 @@
 """What an index holds: the storage table and the object tree's special leaves.
 
 Both backends build exactly these records (the parity tests compare them), and nothing in
-them has read a tensor byte. Plain values (dicts, lists, numbers, strings, dtypes,
-``torch.Size``...) appear in the object tree as themselves.
+them has read a tensor byte or needed torch. Plain Python values (dicts, lists, numbers,
+strings, sets, bytes) appear in the object tree as themselves; dtypes as
+:class:`~pyckpt.index.symbols.DType`, other allowlisted globals as
+:class:`~pyckpt.index.symbols.Symbol`, and torch values such as ``torch.Size`` as calls.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from .symbols import DType, Symbol
 
 METHOD_STORED = 0
 METHOD_DEFLATE = 8
@@ -40,7 +43,7 @@ class StorageRecord:
     """
 
     key: str
-    dtype: torch.dtype
+    dtype: DType
     nbytes: int
     location: str
     record: str | None
@@ -71,7 +74,7 @@ class TensorRecord:
     """A dense tensor over a storage (``_rebuild_tensor``, ``_v2`` or ``_v3``)."""
 
     storage: StorageRecord
-    dtype: torch.dtype
+    dtype: DType
     storage_offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
@@ -108,7 +111,7 @@ class StorageRef:
     """A storage that appears as a value of its own (not under a tensor): a TypedStorage."""
 
     storage: StorageRecord
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass(eq=False, slots=True)
@@ -119,14 +122,14 @@ class CallRecord:
     would) once the storages among ``args`` exist. ``build_states`` collects BUILD states.
     """
 
-    func: Any
+    func: Symbol
     args: tuple[Any, ...]
     new_object: bool = False
     build_states: list[Any] = field(default_factory=list)
 
     @property
     def func_name(self) -> str:
-        return f"{getattr(self.func, '__module__', '?')}.{getattr(self.func, '__name__', '?')}"
+        return self.func.name
 
 
 @dataclass(eq=False, slots=True)
@@ -142,7 +145,10 @@ TENSOR_REBUILD_PREFIXES = ("torch._utils._rebuild_", "torch._tensor._rebuild_fro
 
 def is_tensor_like(value: Any) -> bool:
     """Whether the value materialises as a tensor (for deciding which mappings are state dicts)."""
-    if isinstance(value, (TensorRecord, ParameterRecord, torch.Tensor)):
+    if isinstance(value, (TensorRecord, ParameterRecord)):
+        return True
+    torch = sys.modules.get("torch")  # trees from torch.load hold real tensors
+    if torch is not None and isinstance(value, torch.Tensor):
         return True
     return isinstance(value, CallRecord) and value.func_name.startswith(TENSOR_REBUILD_PREFIXES)
 
@@ -150,7 +156,7 @@ def is_tensor_like(value: Any) -> bool:
 def describe_value(value: Any) -> str:
     """A short, user-facing name for what a tree value is."""
     if isinstance(value, TensorRecord):
-        return f"tensor {value.dtype} {list(value.size)}".replace("torch.", "")
+        return f"tensor {value.dtype.name} {list(value.size)}"
     if isinstance(value, ParameterRecord):
         return "Parameter"
     if isinstance(value, StorageRef):

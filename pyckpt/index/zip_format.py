@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..errors import CheckpointError
 from .checkpoint import FORMAT_TORCHSCRIPT, FORMAT_ZIP, CheckpointIndex, read_small_record
 from .interpret import Interpreter
 from .records import StorageRecord
 from .source import Source
+from .symbols import DType
 
 if TYPE_CHECKING:
     from .._backend import Backend
@@ -42,7 +41,7 @@ def index_zip(source: Source, backend: Backend) -> CheckpointIndex:
 
     storages: dict[str, StorageRecord] = {}
 
-    def persistent_load(key: str, dtype: torch.dtype, location: str, numel: int, view: Any) -> StorageRecord:
+    def persistent_load(key: str, dtype: DType, location: str, numel: int, view: Any) -> StorageRecord:
         if view is not None:
             raise CheckpointError(f"storage '{key}' is a legacy storage view, which the zip format never writes")
         known = storages.get(key)
@@ -97,7 +96,7 @@ def index_zip(source: Source, backend: Backend) -> CheckpointIndex:
     return index
 
 
-def _swap_width(dtype: torch.dtype) -> int:
+def _swap_width(dtype: DType) -> int:
     return dtype.itemsize // 2 if dtype.is_complex else dtype.itemsize
 
 

@@ -13,8 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..execute.cpu import iter_inflated
-from ..index.checkpoint import CheckpointIndex
+from ..index.checkpoint import CheckpointIndex, iter_inflated
 from ..index.records import METHOD_DEFLATE, StorageRecord
 from .file_copy import write_all
 

@@ -15,6 +15,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..index.records import CallRecord, ParameterRecord, ScriptObject, StorageRef, TensorRecord
+from ..index.symbols import DType, Symbol
+from .torch_values import torch_dtype, torch_object
 
 
 class ObjectBuilder:
@@ -68,8 +70,12 @@ class ObjectBuilder:
             result = self._parameter(value, path)
         elif kind is StorageRef:
             result = torch.storage.TypedStorage(
-                wrap_storage=self.storages[value.storage.key], dtype=value.dtype, _internal=True
+                wrap_storage=self.storages[value.storage.key], dtype=torch_dtype(value.dtype), _internal=True
             )
+        elif kind is DType:
+            result = torch_dtype(value)
+        elif kind is Symbol:
+            result = torch_object(value)
         elif kind is CallRecord:
             result = self._call(value, path)
         elif kind is ScriptObject:
@@ -81,7 +87,7 @@ class ObjectBuilder:
 
     def _tensor(self, record: TensorRecord, path: str) -> torch.Tensor:
         storage = self.storages[record.storage.key]
-        tensor = torch.empty((0,), dtype=record.dtype, device=storage.device)
+        tensor = torch.empty((0,), dtype=torch_dtype(record.dtype), device=storage.device)
         try:
             tensor.set_(storage, record.storage_offset, record.size, record.stride)
             if record.requires_grad:
@@ -107,7 +113,7 @@ class ObjectBuilder:
     def _call(self, record: CallRecord, path: str) -> Any:
         """An allowlisted torch function, run exactly as torch's weights-only load runs it."""
         args = self._build(record.args, path)
-        func = record.func
+        func = torch_object(record.func)
         try:
             result = func.__new__(func, *args) if record.new_object else func(*args)
             for state in record.build_states:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ..index.checkpoint import CheckpointIndex
 from .copy_plan import Progress, RangeCopy, known_crc, run_copies
 from .file_copy import write_all
-from .pickler import pickle_tree
+from .pickle_writer import pickle_tree
 from .torch_zip import central_directory, lay_out, local_header
 
 if TYPE_CHECKING:

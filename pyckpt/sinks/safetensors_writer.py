@@ -10,10 +10,7 @@ import json
 import struct
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..errors import CheckpointError
-from ..execute.cpu import read_storages
 from ..index.checkpoint import CheckpointIndex
 from ..index.records import ParameterRecord, StorageRecord, TensorRecord
 from ..plan import check_view
@@ -24,26 +21,14 @@ from .pt_writer import WrittenFile
 if TYPE_CHECKING:
     from .._backend import Backend
 
+# torch dtype name -> safetensors dtype code (those safetensors.torch can load)
 SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.complex64: "C64",
-    torch.uint64: "U64",
-    torch.uint32: "U32",
-    torch.uint16: "U16",
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "complex64": "C64", "uint64": "U64", "uint32": "U32", "uint16": "U16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
 }
-for _name, _code in [("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
-                     ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ")]:
-    if hasattr(torch, _name):
-        SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
 HEADER_ALIGNMENT = 64
 
 
@@ -56,7 +41,7 @@ def tensor_entries(state_dict: dict[str, Any]) -> list[tuple[str, TensorRecord]]
             raise CheckpointError(
                 "is not a dense tensor (quantized, sparse or subclass), which safetensors cannot hold", key=key
             )
-        if record.dtype not in SAFETENSORS_DTYPES:
+        if record.dtype.name not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"has dtype {record.dtype}, which safetensors cannot hold", key=key)
         check_view(record, key)
         entries.append((key, record))
@@ -80,7 +65,7 @@ def write_safetensors(
     for key, record in entries:
         nbytes = record.numel * record.dtype.itemsize
         header[key] = {
-            "dtype": SAFETENSORS_DTYPES[record.dtype],
+            "dtype": SAFETENSORS_DTYPES[record.dtype.name],
             "shape": list(record.size),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -120,14 +105,22 @@ def _write_gathered(
     backend: Backend,
     progress: Progress | None,
 ) -> None:
-    """Views: read their storage (once per storage, in order), make them contiguous, write."""
+    """Views: read their storage (once per storage, in order), make them contiguous, write.
+
+    The only part of a conversion that needs torch (for strided gathers), imported here.
+    """
+    import torch
+
+    from ..execute.cpu import read_storages
+    from .torch_values import torch_dtype
+
     by_storage: dict[int, tuple[StorageRecord, list[tuple[TensorRecord, int]]]] = {}
     for record, at in gathered:
         by_storage.setdefault(id(record.storage), (record.storage, []))[1].append((record, at))
     for storage, views in by_storage.values():
         untyped = read_storages(index, [storage], backend)[storage.key]
         for record, at in views:
-            tensor = torch.empty((0,), dtype=record.dtype)
+            tensor = torch.empty((0,), dtype=torch_dtype(record.dtype))
             tensor.set_(untyped, record.storage_offset, record.size, record.stride)
             if record.metadata:
                 torch._utils.set_tensor_metadata(tensor, record.metadata)

@@ -1,0 +1,42 @@
+"""Where index symbols become torch objects: the one bridge from names to torch.
+
+Every symbol is looked up in the *installed* torch's ``weights_only`` allowlist, so what
+pyckpt materialises is exactly what ``torch.load(weights_only=True)`` would have produced.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, UnsafeCheckpointError
+from ..index.symbols import DType, Symbol
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_allowlist() -> dict[str, Any]:
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    return dict(_get_allowed_globals())
+
+
+def torch_dtype(dtype: DType) -> torch.dtype:
+    value = getattr(torch, dtype.name, None)
+    if not isinstance(value, torch.dtype):
+        raise CheckpointError(f"dtype {dtype} does not exist in torch {torch.__version__}")
+    return value
+
+
+def same_dtype(dtype: DType, value: torch.dtype) -> bool:
+    return getattr(torch, dtype.name, None) == value
+
+
+def torch_object(name: Symbol) -> Any:
+    value = _torch_allowlist().get(name.name)
+    if value is None:
+        raise UnsafeCheckpointError(
+            f"global {name.name} is not on the weights_only allowlist of torch {torch.__version__}"
+        )
+    return value
