@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
