@@ -1,4 +1,4 @@
-"""Build pyckpt: the Python package plus the native extension ``pyckpt._native``.
+"""Build pyckpt: the Python package plus its native extensions, ``pyckpt._core`` and ``pyckpt._ring``.
 
 ``pip install --no-build-isolation .`` compiles the extension against the installed torch
 (build isolation would download torch again). ``PYCKPT_BUILD_EXT=0`` installs pure Python.
@@ -15,22 +15,36 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _extensions():
+    """pyckpt._core: the C++ core with pybind11 only (no torch, so it loads in milliseconds).
+    pyckpt._ring: the pinned-ring loader for accelerators, a torch extension."""
     if os.environ.get("PYCKPT_BUILD_EXT", "1").strip().lower() in ("0", "false", "no", "off"):
         return [], {}
+    import pybind11
+    from setuptools import Extension
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    sources = sorted(
-        os.path.relpath(path, ROOT)
-        for path in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
-        if "/fuzz/" not in path
+    def sources(*folders):
+        return sorted(
+            os.path.relpath(path, ROOT)
+            for folder in folders
+            for path in glob.glob(os.path.join(ROOT, "csrc", folder, "*.cpp"))
+        )
+
+    flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    core = Extension(
+        name="pyckpt._core",
+        sources=["csrc/bindings.cpp", *sources("core", "index", "io")],
+        include_dirs=[os.path.join(ROOT, "csrc"), pybind11.get_include()],
+        extra_compile_args=["-std=c++17", *flags],
+        language="c++",
     )
-    extension = CppExtension(
-        name="pyckpt._native",
-        sources=sources,
+    ring = CppExtension(
+        name="pyckpt._ring",
+        sources=[*sources("device"), "csrc/core/byte_source.cpp"],
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        extra_compile_args=flags,
     )
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [core, ring], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -94,7 +94,7 @@ def tail(text: str, lines: int) -> str:
 
 
 def build_extension() -> bool:
-    """Compile ``pyckpt._native`` in place (the repository is on sys.path via common.py)."""
+    """Compile ``pyckpt._core`` and ``pyckpt._ring`` in place (the repository is on sys.path via common.py)."""
     ninja = shutil.which("ninja") is not None
     print(f"$ {sys.executable} setup.py build_ext --inplace   (ninja: {'yes' if ninja else 'NO, serial compile'})")
     env = {**os.environ, "MAX_JOBS": str(os.cpu_count() or 1)}

@@ -1,17 +1,17 @@
-// The only file that knows about Python: it registers the native core with pybind11,
-// converts the unpickler's tree into Python objects through the shared Interpreter, and
-// turns pyckpt::CheckpointError into pyckpt.CheckpointError. No logic of its own.
-#include <torch/extension.h>
+// The only file of the core that knows about Python: it registers the native core with
+// pybind11 as pyckpt._core, converts the unpickler's tree into Python objects through the
+// shared Interpreter, and turns pyckpt::CheckpointError into pyckpt.CheckpointError. No
+// logic of its own, and no torch: importing the core does not load libtorch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstring>
 #include <memory>
 #include <string>
+#include <system_error>
 #include <vector>
 
-#include <system_error>
-
 #include "core/byte_source.h"
-#include "device/ring_loader.h"
 #include "core/error.h"
 #include "index/pickle_vm.h"
 #include "index/zip_index.h"
@@ -222,54 +222,40 @@ std::vector<pyckpt::CrcRange> crc_ranges(const py::list& ranges) {
   return result;
 }
 
-std::vector<pyckpt::ReadJob> read_jobs(const py::list& jobs) {
-  std::vector<pyckpt::ReadJob> result;
-  result.reserve(jobs.size());
+// Destinations are writable contiguous byte buffers (a uint8 view of a tensor, as numpy).
+struct ReadJobs {
+  std::vector<pyckpt::ReadJob> jobs;
+  std::vector<py::buffer_info> exports;  // every destination stays exported during the read
+};
+
+ReadJobs read_jobs(const py::list& jobs) {
+  ReadJobs result;
+  result.jobs.reserve(jobs.size());
+  result.exports.reserve(jobs.size());
   for (py::handle item : jobs) {
     auto job = item.cast<py::tuple>();
     const auto offset = job[0].cast<uint64_t>();
-    const auto tensor = job[1].cast<torch::Tensor>();
-    TORCH_CHECK(tensor.device().is_cpu() && tensor.is_contiguous(),
-                "read destinations must be contiguous host tensors");
-    result.push_back({offset, static_cast<uint64_t>(tensor.nbytes()),
-                      static_cast<uint8_t*>(tensor.data_ptr())});
+    py::buffer_info info = job[1].cast<py::buffer>().request(/*writable=*/true);
+    if (info.itemsize != 1 || info.ndim != 1 || info.strides[0] != 1) {
+      throw std::invalid_argument("read destinations must be contiguous byte buffers");
+    }
+    result.jobs.push_back({offset, static_cast<uint64_t>(info.size), static_cast<uint8_t*>(info.ptr)});
+    result.exports.push_back(std::move(info));
   }
-  return result;
-}
-
-std::vector<pyckpt::DevicePiece> device_pieces(const py::list& pieces) {
-  std::vector<pyckpt::DevicePiece> result;
-  result.reserve(pieces.size());
-  for (py::handle item : pieces) {
-    auto piece = item.cast<py::tuple>();
-    result.push_back({piece[0].cast<uint64_t>(), piece[1].cast<uint64_t>(), piece[2].cast<torch::Tensor>(),
-                      piece[3].cast<uint64_t>()});
-  }
-  return result;
-}
-
-py::dict ring_stats(const pyckpt::RingStats& stats) {
-  py::dict result;
-  result["spans"] = stats.spans;
-  result["copies"] = stats.copies;
-  result["bytes"] = stats.bytes;
-  result["ring_reused"] = stats.ring_reused;
-  return result;
-}
-
-pyckpt::RingConfig ring_config(const py::dict& config) {
-  pyckpt::RingConfig result;
-  result.buffer_bytes = config["buffer_bytes"].cast<uint64_t>();
-  result.buffers = config["buffers"].cast<int>();
-  result.streams = config["streams"].cast<int>();
-  result.readers = config["readers"].cast<int>();
   return result;
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "pyckpt native core: zip index, restricted unpickler, parallel I/O";
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pyckpt native core: zip index, restricted unpickler, parallel I/O, CRC-32";
+  py::class_<pyckpt::MappedFile, std::shared_ptr<pyckpt::MappedFile>>(m, "Mapping", py::buffer_protocol())
+      .def_buffer([](pyckpt::MappedFile& mapping) {
+        return py::buffer_info(mapping.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(mapping.size())}, {static_cast<py::ssize_t>(1)},
+                               /*readonly=*/false);
+      })
+      .def("__len__", [](const pyckpt::MappedFile& mapping) { return mapping.size(); });
   py::register_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
@@ -303,15 +289,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpickle", &unpickle, py::arg("data"), py::arg("start"), py::arg("interpreter"),
         py::arg("allowed"), py::arg("torchscript_helpers"), py::arg("torchscript"));
   m.def("read_into_fd", [](int fd, uint64_t size, const py::list& jobs, int threads) {
-    const std::vector<pyckpt::ReadJob> parsed = read_jobs(jobs);
+    const ReadJobs parsed = read_jobs(jobs);
     py::gil_scoped_release release;
-    pyckpt::parallel_read(pyckpt::FdSource(fd, size), parsed, threads);
+    pyckpt::parallel_read(pyckpt::FdSource(fd, size), parsed.jobs, threads);
   });
   m.def("read_into_buffer", [](const py::buffer& buffer, const py::list& jobs, int threads) {
     BufferView view = view_of(buffer);
-    const std::vector<pyckpt::ReadJob> parsed = read_jobs(jobs);
+    const ReadJobs parsed = read_jobs(jobs);
     py::gil_scoped_release release;
-    pyckpt::parallel_read(pyckpt::MemorySource(view.data, view.size), parsed, threads);
+    pyckpt::parallel_read(pyckpt::MemorySource(view.data, view.size), parsed.jobs, threads);
   });
   m.def("crc32_ranges_fd", [](int fd, uint64_t size, const py::list& ranges, int threads) {
     const std::vector<pyckpt::CrcRange> parsed = crc_ranges(ranges);
@@ -339,39 +325,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     py::gil_scoped_release release;
     return pyckpt::copy_ranges(source_fd, dest_fd, parsed, threads);
   });
-  m.def("copy_to_device_fd", [](int fd, uint64_t size, const py::list& pieces, const py::dict& config,
-                                const std::string& device) {
-    const std::vector<pyckpt::DevicePiece> parsed = device_pieces(pieces);
-    const pyckpt::RingConfig parsed_config = ring_config(config);
-    pyckpt::RingStats stats;
-    {
-      py::gil_scoped_release release;
-      stats = pyckpt::copy_through_ring(pyckpt::FdSource(fd, size), parsed, parsed_config, at::Device(device));
-    }
-    return ring_stats(stats);
-  });
-  m.def("copy_to_device_buffer", [](const py::buffer& buffer, const py::list& pieces, const py::dict& config,
-                                    const std::string& device) {
-    BufferView view = view_of(buffer);
-    const std::vector<pyckpt::DevicePiece> parsed = device_pieces(pieces);
-    const pyckpt::RingConfig parsed_config = ring_config(config);
-    pyckpt::RingStats stats;
-    {
-      py::gil_scoped_release release;
-      stats = pyckpt::copy_through_ring(pyckpt::MemorySource(view.data, view.size), parsed, parsed_config,
-                                       at::Device(device));
-    }
-    return ring_stats(stats);
-  });
-  m.def("release_ring", [] {
-    py::gil_scoped_release release;
-    pyckpt::release_ring();
-  });
-  m.def("map_file", [](const std::string& path) {
-    std::shared_ptr<pyckpt::MappedFile> mapping = pyckpt::MappedFile::open(path);
-    const auto size = static_cast<int64_t>(mapping->size());
-    if (size == 0) return torch::empty({0}, torch::kUInt8);
-    return torch::from_blob(
-        mapping->data(), {size}, [mapping](void*) mutable { mapping.reset(); }, torch::kUInt8);
-  });
+  // The whole file mapped copy-on-write, as a buffer: torch.frombuffer makes it a tensor
+  // whose storage keeps the mapping alive.
+  m.def("map_file", &pyckpt::MappedFile::open, py::arg("path"));
 }

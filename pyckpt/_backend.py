@@ -1,4 +1,8 @@
-"""The one guarded import of the native extension, and the two backends behind one face.
+"""The one guarded import of the native core, and the two backends behind one face.
+
+The native core (``pyckpt._core``) is plain C++ with pybind11: importing it does not load
+torch. The CUDA ring lives in a torch extension of its own (``pyckpt._ring``), imported only
+by a load to an accelerator (:mod:`pyckpt.execute.device`).
 
 ``PYCKPT_DISABLE_EXT=1`` forces the pure-Python backend; ``PYCKPT_REQUIRE_EXT=1`` turns a
 missing or broken extension into an ImportError instead of a silent fallback (CI sets it).
@@ -8,7 +12,6 @@ missing or broken extension into an ImportError instead of a silent fallback (CI
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -138,16 +141,20 @@ class NativeBackend(_SharedPaths):
         return unpickle(self.module, data, interpreter, start=start)
 
     def map_file(self, source: Source) -> torch.UntypedStorage:
-        return self.module.map_file(source.path).untyped_storage()
+        import torch
+
+        # The tensor keeps the mapping object (and so the mapping) alive.
+        return torch.frombuffer(self.module.map_file(source.path), dtype=torch.uint8).untyped_storage()
 
     def read_into(self, source: Source, jobs: list[tuple[int, torch.Tensor]]) -> None:
         from .index.source import FileSource
 
         threads = io_threads()
+        buffers = [(offset, tensor.numpy()) for offset, tensor in jobs]
         if isinstance(source, FileSource):
-            self.module.read_into_fd(source.fd, source.size, jobs, threads)
+            self.module.read_into_fd(source.fd, source.size, buffers, threads)
         else:
-            self.module.read_into_buffer(source.buffer(), jobs, threads)
+            self.module.read_into_buffer(source.buffer(), buffers, threads)
 
     def copy_ranges(self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, int, bool]]) -> list[int]:
         return list(self.module.copy_ranges(source_fd, dest_fd, jobs, io_threads()))
@@ -158,7 +165,7 @@ class NativeBackend(_SharedPaths):
         """CUDA storages through the pinned ring; anything else staged like the Python backend."""
         from .execute.device import storages_through_ring
 
-        result, rest = storages_through_ring(self.module, index, plans)
+        result, rest = storages_through_ring(index, plans)
         if rest:
             result.update(super().read_storages_to_device(index, rest))
         return result
@@ -193,15 +200,13 @@ def _load() -> tuple[Backend, BackendInfo]:
     if _env_flag("PYCKPT_DISABLE_EXT"):
         return PythonBackend(), BackendInfo("python", False, "disabled by PYCKPT_DISABLE_EXT=1", None)
     try:
-        import torch  # noqa: F401  (the extension links against libtorch)
-
-        from . import _native  # type: ignore[attr-defined]
+        from . import _core  # type: ignore[attr-defined]
     except ImportError as exc:
-        reason = f"the extension pyckpt._native could not be imported: {exc}"
+        reason = f"the extension pyckpt._core could not be imported: {exc}"
         if _env_flag("PYCKPT_REQUIRE_EXT"):
             raise ExtensionUnavailableError(f"{reason} (PYCKPT_REQUIRE_EXT=1 forbids the fallback)") from exc
         return PythonBackend(), BackendInfo("python", False, reason, None)
-    return NativeBackend(_native), BackendInfo("native", True, None, getattr(_native, "__file__", None))
+    return NativeBackend(_core), BackendInfo("native", True, None, getattr(_core, "__file__", None))
 
 
 def _ensure() -> tuple[Backend, BackendInfo]:
@@ -214,18 +219,6 @@ def _ensure() -> tuple[Backend, BackendInfo]:
 def current_backend() -> Backend:
     return _ensure()[0]
 
-
-def index_backend() -> Backend:
-    """The backend for work that needs no torch (convert, inspect, verify).
-
-    The native extension links against torch, so loading it means importing torch (over a
-    second): worth it inside a program that already has torch, not for a command-line run
-    whose work is indexing and kernel-side copies. So: the chosen backend when torch is
-    already imported, else the Python one.
-    """
-    if _state is not None or "torch" in sys.modules:
-        return current_backend()
-    return PythonBackend()
 
 
 def backend_info() -> BackendInfo:
@@ -267,9 +260,7 @@ def python_backend() -> Backend:
 def native_backend() -> NativeBackend | None:
     """The native backend if the extension imports (ignoring PYCKPT_DISABLE_EXT), for parity tests."""
     try:
-        import torch  # noqa: F401
-
-        from . import _native  # type: ignore[attr-defined]
+        from . import _core  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return NativeBackend(_native)
+    return NativeBackend(_core)

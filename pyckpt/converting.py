@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._backend import index_backend
+from ._backend import current_backend
 from .errors import CheckpointError
 from .index import index_checkpoint
 from .index.records import TensorRecord, describe_value
@@ -97,7 +97,7 @@ def convert(
     chosen = output_format(destination, format)
     if not overwrite and os.path.lexists(destination):
         raise FileExistsError(17, "File exists (use --force to replace it)", destination)
-    backend = index_backend()
+    backend = current_backend()
     key_map = make_key_map(strip_prefix, rename)
     report = RenameReport()
     with index_checkpoint(source, backend) as index:

@@ -9,7 +9,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from ._backend import index_backend
+from ._backend import current_backend
 from .errors import CheckpointError
 from .index import index_checkpoint
 from .index.records import METHOD_STORED, TensorRecord, describe_value
@@ -21,7 +21,7 @@ DEFAULT_ROWS = 40
 
 
 def inspect_checkpoint(path: str | os.PathLike[str], *, rows: int | None = DEFAULT_ROWS) -> dict[str, Any]:
-    backend = index_backend()
+    backend = current_backend()
     with index_checkpoint(path, backend) as index:
         try:
             return _describe(index, rows, backend.name)

@@ -22,7 +22,7 @@ from ._device import MapLocation, check_map_location
 from .errors import CheckpointError
 from .execute import execute_plan
 from .execute.cpu import CopyJob, run_copy_jobs
-from .execute.device import copy_pieces, ring_capable, ring_config
+from .execute.device import copy_pieces, ring_capable, ring_config, ring_module
 from .index import index_checkpoint
 from .index.checkpoint import CheckpointIndex
 from .index.records import ParameterRecord, TensorRecord
@@ -153,7 +153,7 @@ def _direct_fill(
     pinned ring, for raw stored records. Everything else is left to the staged path.
     """
     owners = _owners_allowing_direct_fill(model)
-    ring = getattr(backend, "module", None)  # the native extension, when that backend runs
+    ring = ring_module() if any(t.device.type == "cuda" for t in targets.values() if isinstance(t, torch.Tensor)) else None
     host_jobs: list[CopyJob] = []
     device_pieces: dict[torch.device, list[tuple[int, int, torch.Tensor, int]]] = {}
     filled: dict[str, torch.Tensor] = {}

@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._backend import index_backend
+from ._backend import current_backend
 from .errors import CheckpointError
 from .index import FORMAT_LEGACY, index_checkpoint
 from .index.checkpoint import CheckpointIndex, iter_inflated
@@ -36,7 +36,7 @@ class VerifyReport:
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> VerifyReport:
     report = VerifyReport(os.fspath(path))
-    backend = index_backend()
+    backend = current_backend()
     try:
         index = index_checkpoint(path, backend)
     except CheckpointError as exc:

@@ -46,9 +46,9 @@ def test_default_is_native_when_built():
 
 def test_require_switch_turns_a_missing_extension_into_an_error():
     """A broken build must not hide behind the fallback when PYCKPT_REQUIRE_EXT=1."""
-    # sys.modules[name] = None makes `from . import _native` raise ImportError, as a
+    # sys.modules[name] = None makes `from . import _core` raise ImportError, as a
     # missing or unloadable .so would.
-    code = "import sys; sys.modules['pyckpt._native'] = None; import pyckpt; print(pyckpt.backend_info().reason)"
+    code = "import sys; sys.modules['pyckpt._core'] = None; import pyckpt; print(pyckpt.backend_info().reason)"
     environment = {**os.environ, "PYCKPT_REQUIRE_EXT": "1", "PYCKPT_DISABLE_EXT": ""}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
     assert result.returncode != 0 and "PYCKPT_REQUIRE_EXT=1 forbids the fallback" in result.stderr
@@ -59,7 +59,7 @@ def test_require_switch_turns_a_missing_extension_into_an_error():
 def test_import_is_cheap_and_leaves_cuda_alone():
     out = run_python(
         "import sys, torch, pyckpt, json;"
-        "print(json.dumps([torch.cuda.is_initialized(), 'pyckpt._native' in sys.modules,"
+        "print(json.dumps([torch.cuda.is_initialized(), 'pyckpt._core' in sys.modules,"
         " 'pyckpt.loading' in sys.modules]))"
     )
     assert json.loads(out) == [False, False, False]

@@ -13,7 +13,6 @@ from torch import nn
 
 import pyckpt
 from conftest import require_backend
-from pyckpt._backend import native_backend
 from pyckpt.errors import CheckpointError
 from pyckpt.execute.device import RingConfig, copy_pieces, ring_config
 from pyckpt.index.source import BufferSource, FileSource
@@ -24,7 +23,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture
 def ring():
     require_backend("native")
-    return native_backend().module
+    try:
+        from pyckpt import _ring
+    except ImportError as exc:
+        pytest.fail(f"the ring extension is not available: {exc}")
+    return _ring
 
 
 @pytest.fixture

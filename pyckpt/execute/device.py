@@ -64,21 +64,52 @@ def ring_capable(record: StorageRecord) -> bool:
     return record.method == METHOD_STORED and not record.byteswap
 
 
+_ring_module: Any = None
+_ring_reason: str | None = None
+
+
+def ring_module() -> Any | None:
+    """The native ring (``pyckpt._ring``, a torch extension), or None with ``ring_reason()`` set."""
+    global _ring_module, _ring_reason
+    if _ring_module is None and _ring_reason is None:
+        from .._backend import current_backend
+
+        if current_backend().name != "native":
+            _ring_reason = "the native backend is not in use"
+        else:
+            try:
+                from .. import _ring  # type: ignore[attr-defined]
+
+                _ring_module = _ring
+            except ImportError as exc:
+                _ring_reason = f"the extension pyckpt._ring could not be imported: {exc}"
+    return _ring_module
+
+
+def ring_reason() -> str | None:
+    ring_module()
+    return _ring_reason
+
+
 def copy_pieces(
-    native: Any, source: Source, pieces: list[tuple[int, int, torch.Tensor, int]], device: torch.device, config: RingConfig
+    ring: Any, source: Source, pieces: list[tuple[int, int, torch.Tensor, int]], device: torch.device, config: RingConfig
 ) -> dict[str, Any]:
     """Run ``(file_offset, length, dest_uint8, dest_offset)`` copies through the native ring."""
     if isinstance(source, FileSource):
-        return native.copy_to_device_fd(source.fd, source.size, pieces, config.as_dict(), str(device))
-    return native.copy_to_device_buffer(source.buffer(), pieces, config.as_dict(), str(device))
+        return ring.copy_to_device_fd(source.fd, source.size, pieces, config.as_dict(), str(device))
+    return ring.copy_to_device_buffer(source.buffer(), pieces, config.as_dict(), str(device))
 
 
 def storages_through_ring(
-    native: Any, index: CheckpointIndex, plans: list[StoragePlan], config: RingConfig | None = None
+    index: CheckpointIndex, plans: list[StoragePlan], config: RingConfig | None = None
 ) -> tuple[dict[str, torch.UntypedStorage], list[StoragePlan]]:
-    """Fresh device storages for the ring-capable plans; returns them and the plans left over."""
+    """Fresh device storages for the ring-capable plans; returns them and the plans left over
+    (all of them when the ring extension is missing: they are then staged through host memory)."""
     from torch.serialization import validate_cuda_device  # torch's own error when CUDA is absent
 
+    ring = ring_module()
+    if ring is None:
+        return {}, list(plans)
     config = config or ring_config()
     result: dict[str, torch.UntypedStorage] = {}
     rest: list[StoragePlan] = []
@@ -94,14 +125,12 @@ def storages_through_ring(
         result[plan.record.key] = dest.untyped_storage()
     for device, pieces in by_device.items():
         with torch.cuda.device(device):
-            copy_pieces(native, index.source, pieces, device, config)
+            copy_pieces(ring, index.source, pieces, device, config)
     return result, rest
 
 
 def release_buffers() -> None:
     """Free the pinned ring the native CUDA path keeps for the next load."""
-    from .._backend import native_backend
-
-    native = native_backend()
-    if native is not None:
-        native.module.release_ring()
+    ring = ring_module()
+    if ring is not None:
+        ring.release_ring()
