@@ -39,6 +39,7 @@ from common import (
     Contender,
     Measurement,
     RunResult,
+    CLI_BASELINE_RSS_CODE,
     baseline_rss,
     cached_fraction,
     check_state_dict,
@@ -65,6 +66,7 @@ NOT_PYTHON = (CP, CP_FSYNC)  # their RSS is cp's own: no torch import to subtrac
 TARGET_VS_CP = 1.25  # pyckpt time / cp time, at most
 TARGET_VS_SEED = 0.4  # pyckpt time / seed-recipe time, at most
 TARGET_RSS_MIB = 256  # above the import baseline, at most
+CLI_FLOOR = [0]  # peak RSS of a bare `import pyckpt`, measured once per run
 FLAT_SHARE = 0.05  # "flat": RSS grows by under 5% of what the checkpoint grows between sizes
 POLL_SECONDS = 0.005
 OUTPUT_NAME = "converted.pt"
@@ -238,8 +240,13 @@ def measure_size(
 
 
 def extra_rss(m: Measurement, floor: int) -> int:
-    """Peak RSS above what the process needs before working (cp's own RSS for cp)."""
-    return m.peak_rss if m.contender.name in NOT_PYTHON else m.peak_rss - floor
+    """Peak RSS above what the process needs before working (cp's own RSS for cp; the CLI
+    against a bare `import pyckpt`, since it never imports torch)."""
+    if m.contender.name in NOT_PYTHON:
+        return m.peak_rss
+    if m.contender.name == CLI:
+        return m.peak_rss - CLI_FLOOR[0]
+    return m.peak_rss - floor
 
 
 def ratio(results: Mapping[str, Measurement], row: str, baseline: str) -> float | None:
@@ -355,7 +362,8 @@ def header_lines(checkpoints: Sequence[Checkpoint], data_dir: Path, floor: int, 
         "            it; nothing is dropped otherwise) and sync() before every run, so no run pays for",
         "            another's writeback. Rows without fsync end with DST still dirty in the page cache.",
         f"each row    median of fresh subprocesses; peak RSS above the {floor / MIB:.0f} MiB of `import torch, pyckpt`",
-        "            (the CLI: its own process's peak; cp: cp's own peak); x ROW = this time / ROW's time",
+        f"            (the CLI, which never imports torch: above the {CLI_FLOOR[0] / MIB:.0f} MiB of `import pyckpt`;",
+        "            cp: cp's own peak); x ROW = this time / ROW's time",
     ]
     return lines
 
@@ -374,6 +382,7 @@ def main() -> int:
     checkpoints = [prepare_checkpoint(args.data_dir, size, with_safetensors=False) for size in sizes]
     load_before = os.getloadavg()[0]
     floor = baseline_rss(os.environ)
+    CLI_FLOOR[0] = baseline_rss(os.environ, CLI_BASELINE_RSS_CODE)
     by_size: dict[int, dict[str, Measurement]] = {}  # file bytes -> row -> runs
     all_rows_at: list[int] = []  # the sizes where every chosen row ran
     for checkpoint in checkpoints:

@@ -43,6 +43,8 @@ SEED = 0
 READ_BLOCK = 16 << 20
 RESULT_MARKER = "BENCH_RESULT "
 BASELINE_RSS_CODE = "import torch, pyckpt; print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
+# The command line never imports torch, so its own baseline is a bare `import pyckpt`.
+CLI_BASELINE_RSS_CODE = "import pyckpt; print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -415,10 +417,11 @@ def spawn_child(script: Path, contender: Contender, checkpoint: Checkpoint, env:
     return RunResult(error=f"child exited {done.returncode}: {last}")
 
 
-def baseline_rss(env: Mapping[str, str]) -> int:
-    """Peak RSS (bytes) of a fresh process that only imports torch and pyckpt: subtracted from every row."""
+def baseline_rss(env: Mapping[str, str], code: str = BASELINE_RSS_CODE) -> int:
+    """Peak RSS (bytes) of a fresh process that only runs ``code`` (by default: imports torch and
+    pyckpt); subtracted from the rows measured in such a process."""
     done = subprocess.run(
-        [sys.executable, "-c", BASELINE_RSS_CODE], env=dict(env), capture_output=True, text=True, check=True, cwd=REPO_ROOT
+        [sys.executable, "-c", code], env=dict(env), capture_output=True, text=True, check=True, cwd=REPO_ROOT
     )
     return int(done.stdout.split()[-1]) * 1024
 
