@@ -15,19 +15,6 @@ import torch
 MapLocation = Union[None, str, bytes, torch.device, dict, Callable[[Any, str], Any]]
 
 
-def as_device(value: str | bytes | torch.device | int) -> torch.device:
-    """A torch.device from the ways users write one (``"cuda"``, ``b"cpu"``, ``0``, a device)."""
-    if isinstance(value, torch.device):
-        return value
-    if isinstance(value, bytes):
-        value = value.decode("ascii")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return torch.device("cuda", value)
-    if isinstance(value, str):
-        return torch.device(value)
-    raise TypeError(f"expected a device, got {type(value).__name__}")
-
-
 def check_map_location(map_location: Any) -> None:
     if map_location is None or isinstance(map_location, (str, bytes, torch.device, dict)):
         return

@@ -153,7 +153,8 @@ def _direct_fill(
     pinned ring, for raw stored records. Everything else is left to the staged path.
     """
     owners = _owners_allowing_direct_fill(model)
-    ring = ring_module() if any(t.device.type == "cuda" for t in targets.values() if isinstance(t, torch.Tensor)) else None
+    on_cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in targets.values())
+    ring = ring_module() if on_cuda and backend.name == "native" else None
     host_jobs: list[CopyJob] = []
     device_pieces: dict[torch.device, list[tuple[int, int, torch.Tensor, int]]] = {}
     filled: dict[str, torch.Tensor] = {}

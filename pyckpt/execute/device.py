@@ -9,6 +9,7 @@ by default) is allocated once per process and reused; ``release_buffers()`` free
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,23 +73,34 @@ def ring_module() -> Any | None:
     """The native ring (``pyckpt._ring``, a torch extension), or None with ``ring_reason()`` set."""
     global _ring_module, _ring_reason
     if _ring_module is None and _ring_reason is None:
-        from .._backend import current_backend
+        try:
+            from .. import _ring  # type: ignore[attr-defined]
 
-        if current_backend().name != "native":
-            _ring_reason = "the native backend is not in use"
-        else:
-            try:
-                from .. import _ring  # type: ignore[attr-defined]
-
-                _ring_module = _ring
-            except ImportError as exc:
-                _ring_reason = f"the extension pyckpt._ring could not be imported: {exc}"
+            _ring_module = _ring
+        except ImportError as exc:
+            _ring_reason = f"the extension pyckpt._ring could not be imported: {exc}"
     return _ring_module
 
 
 def ring_reason() -> str | None:
     ring_module()
     return _ring_reason
+
+
+def _warn_staged() -> None:
+    """No silent fallback: say once why CUDA loads go the slow way (or refuse, if asked to)."""
+    global _warned
+    message = f"pyckpt: loads to CUDA are staged through host memory because {ring_reason()}"
+    if os.environ.get("PYCKPT_REQUIRE_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
+        from ..errors import ExtensionUnavailableError
+
+        raise ExtensionUnavailableError(f"{message} (PYCKPT_REQUIRE_EXT=1 forbids the fallback)")
+    if not _warned:
+        _warned = True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+_warned = False
 
 
 def copy_pieces(
@@ -109,6 +121,8 @@ def storages_through_ring(
 
     ring = ring_module()
     if ring is None:
+        if any(plan.device is not None and plan.device.type == "cuda" for plan in plans):
+            _warn_staged()
         return {}, list(plans)
     config = config or ring_config()
     result: dict[str, torch.UntypedStorage] = {}
