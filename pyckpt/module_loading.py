@@ -3,10 +3,10 @@
 The checkpoint's state dict is found (``key=``, ``state_dict``, ``model``...), its keys are
 matched to the model's through the wrapper prefixes on either side, and the bytes go
 straight into the parameters' and buffers' own memory wherever layouts agree. The rest
-(dtype changes, odd layouts, modules with custom loading) is staged as zero-copy views
-where possible. Finally ``model.load_state_dict`` runs, so ``strict``, ``assign``, hooks,
-error messages and the returned ``_IncompatibleKeys`` are torch's own; the directly
-filled entries are passed as the parameters themselves, which torch's copy skips.
+(dtype changes, odd layouts, modules with custom loading) is staged in host memory.
+Finally ``model.load_state_dict`` runs, so ``strict``, ``assign``, hooks, error messages
+and the returned ``_IncompatibleKeys`` are torch's own; the directly filled entries are
+passed as the parameters themselves, which torch's copy skips.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def load_state_dict(
         f: a path or a binary file-like object.
         strict: as in ``nn.Module.load_state_dict``.
         map_location: where checkpoint tensors that cannot be written directly are staged
-            (default: host memory, mapped where possible).
+            (default: host memory).
         key: the entry of a training checkpoint that holds the state dict.
         assign: as in ``nn.Module.load_state_dict``: the checkpoint's tensors replace the
             parameters (they keep the parameters' ``requires_grad``).
