@@ -60,9 +60,21 @@ def _dispatch(source: Source, backend: Backend) -> CheckpointIndex:
         return index_zip(source, backend)
     if looks_legacy(head):
         return index_legacy(source, backend)
+    if _looks_safetensors(source, head):
+        raise CheckpointError(
+            "this is a safetensors file, not a torch checkpoint (read it with safetensors.torch.load_file)"
+        )
     if source.size >= 262 and source.read(257, 5) == b"ustar":
         raise CheckpointError(
             "this is the pre-1.0 tar checkpoint format, which cannot be read without running "
             "pickle (torch refuses it under weights_only=True as well)"
         )
     raise CheckpointError(f"not a PyTorch checkpoint (unknown format, starts with {head[:8]!r})")
+
+
+def _looks_safetensors(source: Source, head: bytes) -> bool:
+    """An 8-byte little-endian header length, then a JSON object that fits in the file."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return 0 < header_length <= source.size - 8
