@@ -11,6 +11,7 @@
 #include <system_error>
 #include <vector>
 
+#include "buffer_view.h"
 #include "core/byte_source.h"
 #include "core/error.h"
 #include "index/pickle_vm.h"
@@ -21,6 +22,8 @@
 #include "io/parallel_read.h"
 
 namespace py = pybind11;
+using pyckpt::bindings::BufferView;
+using pyckpt::bindings::view_of;
 using pyckpt::CheckpointError;
 using pyckpt::ErrorKind;
 namespace pk = pyckpt::pickle;
@@ -56,17 +59,6 @@ py::list entries_list(const std::vector<pyckpt::ZipEntry>& entries) {
   return result;
 }
 
-struct BufferView {
-  const uint8_t* data;
-  uint64_t size;
-  py::buffer_info info;  // keeps the export alive
-};
-
-BufferView view_of(const py::buffer& buffer) {
-  py::buffer_info info = buffer.request();
-  if (info.ndim != 1 || info.itemsize != 1 || (info.strides.size() && info.strides[0] != 1)) {
-    throw std::invalid_argument("expected a contiguous byte buffer");
-  }
   return {static_cast<const uint8_t*>(info.ptr), static_cast<uint64_t>(info.size), std::move(info)};
 }
 

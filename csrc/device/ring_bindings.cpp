@@ -5,25 +5,17 @@
 #include <string>
 #include <vector>
 
+#include "buffer_view.h"
 #include "core/byte_source.h"
 #include "core/error.h"
 #include "device/ring_loader.h"
 
 namespace py = pybind11;
+using pyckpt::bindings::BufferView;
+using pyckpt::bindings::view_of;
 
 namespace {
 
-struct BufferView {
-  const uint8_t* data;
-  uint64_t size;
-  py::buffer_info info;  // keeps the export alive
-};
-
-BufferView view_of(const py::buffer& buffer) {
-  py::buffer_info info = buffer.request();
-  if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
-    throw std::invalid_argument("expected a contiguous byte buffer");
-  }
   return {static_cast<const uint8_t*>(info.ptr), static_cast<uint64_t>(info.size), std::move(info)};
 }
 
