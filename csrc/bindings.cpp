@@ -59,9 +59,6 @@ py::list entries_list(const std::vector<pyckpt::ZipEntry>& entries) {
   return result;
 }
 
-  return {static_cast<const uint8_t*>(info.ptr), static_cast<uint64_t>(info.size), std::move(info)};
-}
-
 // Turns the unpickler's arena into Python objects. Calls, builds and persistent ids go to
 // the Python Interpreter, in the order the pickle created them, exactly as the Python
 // unpickler would have applied them.

@@ -10,7 +10,8 @@
 
 namespace pyckpt::bindings {
 
-struct BufferView {
+// Hidden like pybind11's own types, so holding a buffer_info raises no visibility warning.
+struct __attribute__((visibility("hidden"))) BufferView {
   const uint8_t* data;
   uint64_t size;
   pybind11::buffer_info info;  // keeps the export alive

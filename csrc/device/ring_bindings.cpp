@@ -16,9 +16,6 @@ using pyckpt::bindings::view_of;
 
 namespace {
 
-  return {static_cast<const uint8_t*>(info.ptr), static_cast<uint64_t>(info.size), std::move(info)};
-}
-
 std::vector<pyckpt::DevicePiece> device_pieces(const py::list& pieces) {
   std::vector<pyckpt::DevicePiece> result;
   result.reserve(pieces.size());
