@@ -178,32 +178,41 @@ class NativeBackend(_SharedPaths):
         return list(self.module.crc32_ranges_buffer(source.buffer(), ranges, io_threads()))
 
 
+def env_flag(name: str) -> bool:
+    """An on/off environment switch (``1``, ``true``, ``yes``, ``on``)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def env_positive(name: str, default: int) -> int:
+    """A positive-integer environment setting, or ``default`` when unset."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, not {text!r}")
+    return value
+
+
 def io_threads() -> int:
     """Reader threads: ``PYCKPT_THREADS``, else one per CPU up to 8."""
-    configured = os.environ.get("PYCKPT_THREADS", "").strip()
-    if configured:
-        try:
-            return max(1, int(configured))
-        except ValueError:
-            raise ValueError(f"PYCKPT_THREADS must be a positive integer, not {configured!r}") from None
-    return max(1, min(8, os.cpu_count() or 1))
+    return env_positive("PYCKPT_THREADS", max(1, min(8, os.cpu_count() or 1)))
 
 
 _state: tuple[Backend, BackendInfo] | None = None
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _load() -> tuple[Backend, BackendInfo]:
-    if _env_flag("PYCKPT_DISABLE_EXT"):
+    if env_flag("PYCKPT_DISABLE_EXT"):
         return PythonBackend(), BackendInfo("python", False, "disabled by PYCKPT_DISABLE_EXT=1", None)
     try:
         from . import _core  # type: ignore[attr-defined]
     except ImportError as exc:
         reason = f"the extension pyckpt._core could not be imported: {exc}"
-        if _env_flag("PYCKPT_REQUIRE_EXT"):
+        if env_flag("PYCKPT_REQUIRE_EXT"):
             raise ExtensionUnavailableError(f"{reason} (PYCKPT_REQUIRE_EXT=1 forbids the fallback)") from exc
         return PythonBackend(), BackendInfo("python", False, reason, None)
     return NativeBackend(_core), BackendInfo("native", True, None, getattr(_core, "__file__", None))
@@ -218,7 +227,6 @@ def _ensure() -> tuple[Backend, BackendInfo]:
 
 def current_backend() -> Backend:
     return _ensure()[0]
-
 
 
 def backend_info() -> BackendInfo:

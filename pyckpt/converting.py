@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._backend import current_backend
+from ._units import human_bytes
 from .errors import CheckpointError
 from .index import index_checkpoint
 from .index.records import TensorRecord, describe_value
@@ -47,17 +48,8 @@ class ConvertReport:
         rate = self.tensor_bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
         return (
             f"converted {self.source} -> {self.destination} ({self.format}): {self.tensors} tensors, "
-            f"{_human(self.tensor_bytes)}, {self.renamed_keys} keys renamed, {self.seconds:.2f} s ({rate:.2f} GB/s)"
+            f"{human_bytes(self.tensor_bytes)}, {self.renamed_keys} keys renamed, {self.seconds:.2f} s ({rate:.2f} GB/s)"
         )
-
-
-def _human(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.2f} {unit}" if unit != "B" else f"{nbytes} B"
-        value /= 1024
-    return f"{nbytes} B"
 
 
 def output_format(destination: str, requested: str | None) -> str:

@@ -35,14 +35,14 @@ def _describe(index: Any, rows: int | None, backend_name: str) -> dict[str, Any]
     for _, tensor in tensors:
         entry = dtypes.setdefault(str(tensor.dtype).removeprefix("torch."), {"tensors": 0, "bytes": 0})
         entry["tensors"] += 1
-        entry["bytes"] += tensor.numel * tensor.dtype.itemsize
+        entry["bytes"] += tensor.nbytes
     storages = index.storages.values()
     table = [
         {
             "key": path,
             "dtype": str(tensor.dtype).removeprefix("torch."),
             "shape": list(tensor.size),
-            "bytes": tensor.numel * tensor.dtype.itemsize,
+            "bytes": tensor.nbytes,
             "storage": tensor.storage.key,
         }
         for path, tensor in tensors

@@ -92,3 +92,6 @@ def test_io_threads_switch(monkeypatch):
     monkeypatch.setenv("PYCKPT_THREADS", "zero")
     with pytest.raises(ValueError, match="PYCKPT_THREADS"):
         io_threads()
+    monkeypatch.setenv("PYCKPT_THREADS", "0")
+    with pytest.raises(ValueError, match="PYCKPT_THREADS"):
+        io_threads()

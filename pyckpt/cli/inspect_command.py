@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from .progress import human_bytes
+from .._units import human_bytes
 
 HELP = "show format, tensors, dtypes, wrapper prefixes and entries of a checkpoint (reads no tensor)"
 EPILOG = """\

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .progress import human_bytes
+from .._units import human_bytes
 
 HELP = "parse a checkpoint and check every view and every record's CRC-32 (torch never does)"
 EPILOG = """\

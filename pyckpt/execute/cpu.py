@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from .._backend import Backend
 
 
-
 @dataclass(slots=True)
 class CopyJob:
     """Copy ``dest.numel()`` bytes of ``record``, starting ``start`` bytes into it, to ``dest``."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._backend import env_flag, env_positive
 from ..index.checkpoint import CheckpointIndex
 from ..index.records import METHOD_STORED, StorageRecord
 from ..index.source import FileSource, Source
@@ -34,27 +35,14 @@ class RingConfig:
         return {"buffer_bytes": self.buffer_bytes, "buffers": self.buffers, "streams": self.streams, "readers": self.readers}
 
 
-def _positive(name: str, default: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, not {text!r}")
-    return value
-
-
 def ring_config(**overrides: int) -> RingConfig:
     """The ring sizes: arguments first, then environment variables, then defaults."""
     cpus = os.cpu_count() or 1
     config = RingConfig(
-        buffer_bytes=_positive("PYCKPT_RING_MB", 64) << 20,
-        buffers=_positive("PYCKPT_RING_BUFFERS", 4),
-        streams=_positive("PYCKPT_STREAMS", 2),
-        readers=_positive("PYCKPT_READERS", max(1, min(4, cpus))),
+        buffer_bytes=env_positive("PYCKPT_RING_MB", 64) << 20,
+        buffers=env_positive("PYCKPT_RING_BUFFERS", 4),
+        streams=env_positive("PYCKPT_STREAMS", 2),
+        readers=env_positive("PYCKPT_READERS", max(1, min(4, cpus))),
     )
     fields = {**config.__dict__, **{k: v for k, v in overrides.items() if v is not None}}
     return RingConfig(**fields)
@@ -91,7 +79,7 @@ def _warn_staged() -> None:
     """No silent fallback: say once why CUDA loads go the slow way (or refuse, if asked to)."""
     global _warned
     message = f"pyckpt: loads to CUDA are staged through host memory because {ring_reason()}"
-    if os.environ.get("PYCKPT_REQUIRE_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
+    if env_flag("PYCKPT_REQUIRE_EXT"):
         from ..errors import ExtensionUnavailableError
 
         raise ExtensionUnavailableError(f"{message} (PYCKPT_REQUIRE_EXT=1 forbids the fallback)")

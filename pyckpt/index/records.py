@@ -88,6 +88,11 @@ class TensorRecord:
             n *= s
         return n
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor's elements take (not its storage)."""
+        return self.numel * self.dtype.itemsize
+
     def is_contiguous(self) -> bool:
         expected = 1
         for size, stride in zip(reversed(self.size), reversed(self.stride)):

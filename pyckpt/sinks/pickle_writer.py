@@ -203,12 +203,14 @@ class PickleWriter:
 
     def _tensor(self, record: TensorRecord) -> None:
         storage = record.storage
-        self.save(REBUILD_V2 if record.dtype == storage.dtype and storage.dtype.storage_class else REBUILD_V3)
+        # v2 when the storage's typed class already says the dtype; v3 carries it explicitly.
+        typed = record.dtype == storage.dtype and storage.dtype.storage_class is not None
+        self.save(REBUILD_V2 if typed else REBUILD_V3)
         self.out += b"("
         self._persistent(storage)
         for value in (record.storage_offset, record.size, record.stride, record.requires_grad, OrderedDict()):
             self.save(value)
-        if not (record.dtype == storage.dtype and storage.dtype.storage_class):
+        if not typed:
             self.save(record.dtype)
         if record.metadata:
             self.save(record.metadata)

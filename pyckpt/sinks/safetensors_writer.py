@@ -63,7 +63,7 @@ def write_safetensors(
     offset = 0
     placed = []
     for key, record in entries:
-        nbytes = record.numel * record.dtype.itemsize
+        nbytes = record.nbytes
         header[key] = {
             "dtype": SAFETENSORS_DTYPES[record.dtype.name],
             "shape": list(record.size),
