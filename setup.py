@@ -33,14 +33,14 @@ def _extensions():
     flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     core = Extension(
         name="pyckpt._core",
-        sources=["csrc/bindings.cpp", *sources("core", "index", "io")],
+        sources=["csrc/bindings/bindings.cpp", "csrc/bindings/py_tree.cpp", *sources("core", "index", "io")],
         include_dirs=[os.path.join(ROOT, "csrc"), pybind11.get_include()],
         extra_compile_args=["-std=c++17", *flags],
         language="c++",
     )
     ring = CppExtension(
         name="pyckpt._ring",
-        sources=[*sources("device"), "csrc/core/byte_source.cpp"],
+        sources=["csrc/bindings/ring_bindings.cpp", *sources("device"), "csrc/core/byte_source.cpp"],
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=flags,
     )

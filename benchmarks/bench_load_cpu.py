@@ -102,7 +102,7 @@ def plan_pread(checkpoint: Checkpoint) -> tuple[nn.Module, list[ReadJob]]:
 
 
 def pread_into_model(checkpoint: Checkpoint, state: tuple[nn.Module, list[ReadJob]]) -> None:
-    from pyckpt._backend import io_threads
+    from pyckpt._env import io_threads
 
     _, jobs = state
     fd = os.open(checkpoint.pt_path, os.O_RDONLY)

@@ -559,7 +559,7 @@ def benchmark_main(
     if args.threads is not None:
         env["PYCKPT_THREADS"] = str(args.threads)
         os.environ["PYCKPT_THREADS"] = str(args.threads)  # so the header reports it
-    from pyckpt._backend import io_threads
+    from pyckpt._env import io_threads
 
     chosen = [by_name[name] for name in args.only] if args.only else list(contenders)
     checkpoint = prepare_checkpoint(args.data_dir, args.size_gib)

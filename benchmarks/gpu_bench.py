@@ -579,7 +579,7 @@ def main() -> int:
     elif not build_extension():
         failures.append("build")
     import pyckpt
-    from pyckpt._backend import io_threads
+    from pyckpt._env import io_threads
     from pyckpt.execute.device import ring_config
 
     print(f"pyckpt.backend_info(): {pyckpt.backend_info()}")

@@ -11,11 +11,11 @@ missing or broken extension into an ImportError instead of a silent fallback (CI
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ._env import env_flag, io_threads
 from .errors import ExtensionUnavailableError
 
 if TYPE_CHECKING:
@@ -176,30 +176,6 @@ class NativeBackend(_SharedPaths):
         if isinstance(source, FileSource):
             return list(self.module.crc32_ranges_fd(source.fd, source.size, ranges, io_threads()))
         return list(self.module.crc32_ranges_buffer(source.buffer(), ranges, io_threads()))
-
-
-def env_flag(name: str) -> bool:
-    """An on/off environment switch (``1``, ``true``, ``yes``, ``on``)."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def env_positive(name: str, default: int) -> int:
-    """A positive-integer environment setting, or ``default`` when unset."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, not {text!r}")
-    return value
-
-
-def io_threads() -> int:
-    """Reader threads: ``PYCKPT_THREADS``, else one per CPU up to 8."""
-    return env_positive("PYCKPT_THREADS", max(1, min(8, os.cpu_count() or 1)))
 
 
 _state: tuple[Backend, BackendInfo] | None = None

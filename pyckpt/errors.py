@@ -7,6 +7,8 @@ the file and, where it applies, the zip record or the state-dict key.
 
 from __future__ import annotations
 
+import pickle
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read safely and exactly.
@@ -56,8 +58,12 @@ class CheckpointError(RuntimeError):
         return self
 
 
-class UnsafeCheckpointError(CheckpointError):
-    """The checkpoint asks for something the weights-only rules refuse (a global, an opcode)."""
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """The checkpoint asks for something the weights-only rules refuse (a global, an opcode).
+
+    It is also a ``pickle.UnpicklingError``, the error ``torch.load(weights_only=True)``
+    raises for the same files, so code written against torch catches it unchanged.
+    """
 
 
 class TruncatedCheckpointError(CheckpointError):

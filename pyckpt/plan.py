@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
+from .index.opaque import Opaque
+from .index.policy import MAX_NESTING
 from .index.records import CallRecord, ParameterRecord, StorageRecord, StorageRef, TensorRecord
 
 if TYPE_CHECKING:  # checking views needs no torch; placing storages on devices does
@@ -20,7 +22,6 @@ if TYPE_CHECKING:  # checking views needs no torch; placing storages on devices 
 
     from ._device import MapLocation
 
-MAX_NESTING = 512
 INT64_MAX = (1 << 63) - 1
 
 HOW_MAP = "map"  # zero-copy view of the file mapping (CPU)

@@ -85,7 +85,7 @@ def test_import_time_over_torch_is_small():
 
 @pytest.mark.skipif(EXT_DISABLED, reason="extension switched off")
 def test_io_threads_switch(monkeypatch):
-    from pyckpt._backend import io_threads
+    from pyckpt._env import io_threads
 
     monkeypatch.setenv("PYCKPT_THREADS", "3")
     assert io_threads() == 3

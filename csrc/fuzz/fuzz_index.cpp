@@ -37,10 +37,14 @@ namespace pk = pyckpt::pickle;
   std::abort();
 }
 
-// The names bindings.cpp passes from torch's weights-only allowlist, in the forms
-// torch.save writes (a typical subset: the VM only compares strings).
-pk::Rules make_rules(bool torchscript) {
+// The names the bindings pass from torch's weights-only allowlist, in the forms torch.save
+// writes (a typical subset: the VM only compares strings), and the policy's other rules.
+pk::Rules make_rules(bool torchscript, bool opaque) {
   pk::Rules rules;
+  rules.blocked_modules = {"sys", "os", "posix", "nt"};
+  rules.module_aliases = {{"__builtin__", "builtins"}, {"copy_reg", "copyreg"}};
+  rules.opaque = opaque;
+  rules.max_values = uint64_t{1} << 22;  // small, so the fuzzer reaches the limit too
   const char* const allowed[] = {
       "collections.OrderedDict",
       "collections.Counter",
@@ -90,60 +94,79 @@ pk::Rules make_rules(bool torchscript) {
   return rules;
 }
 
-const pk::Rules& rules_for(bool torchscript) {
-  static const pk::Rules plain = make_rules(false);
-  static const pk::Rules script = make_rules(true);
-  return torchscript ? script : plain;
+// Four rule sets: plain or TorchScript names, each in the default and in opaque mode.
+const pk::Rules& rules_for(bool torchscript, bool opaque) {
+  static const pk::Rules sets[4] = {make_rules(false, false), make_rules(true, false),
+                                    make_rules(false, true), make_rules(true, true)};
+  return sets[(torchscript ? 1 : 0) + (opaque ? 2 : 0)];
 }
 
-// What bindings.cpp relies on when it walks the tree.
+// What bindings/py_tree.cpp relies on when it walks the tree.
 void check_tree(const pk::Tree& tree, size_t size, size_t start) {
   const size_t count = tree.nodes.size();
   if (count == 0) finding("tree has no nodes");
   if (tree.root >= count) finding("root node out of range");
   if (tree.end <= start || tree.end > size) finding("end offset outside the pickle");
   if (tree.nodes[0].kind != pk::Kind::kNone) finding("node 0 is not None");
-  for (size_t id = 0; id < count; ++id) {
+  for (const auto& [id, extras] : tree.extras) {
+    if (id >= count) finding("extras of a node out of range");
     const pk::Node& node = tree.nodes[id];
-    for (pk::NodeId item : node.items) {
-      if (item >= count) finding("item node out of range");
-    }
-    for (const pk::Build& build : node.builds) {
+    for (const pk::Build& build : extras.builds) {
       if (build.state >= count) finding("build state node out of range");
       if (build.offset >= size) finding("build offset outside the pickle");
     }
+    for (pk::NodeId item : extras.appended) {
+      if (item >= count) finding("appended node out of range");
+    }
+    for (pk::NodeId item : extras.set_items) {
+      if (item >= count) finding("set item node out of range");
+    }
+    if (extras.set_items.size() % 2) finding("opaque object with an odd number of set items");
+    if (!extras.builds.empty() && node.kind != pk::Kind::kCall && node.kind != pk::Kind::kDict) {
+      finding("BUILD accepted on a plain value");
+    }
+    if ((!extras.appended.empty() || !extras.set_items.empty()) && node.kind != pk::Kind::kCall) {
+      finding("APPEND or SETITEM accepted on something that is not an opaque object");
+    }
+  }
+  for (size_t id = 0; id < count; ++id) {
+    const pk::Node& node = tree.nodes[id];
+    const std::vector<pk::NodeId>& items = tree.items(node);
+    for (pk::NodeId item : items) {
+      if (item >= count) finding("item node out of range");
+    }
     if (node.offset >= size && id != 0) finding("node offset outside the pickle");
     switch (node.kind) {
-      case pk::Kind::kCall:
-        if (node.items.size() != 2 || tree.nodes[node.items[0]].kind != pk::Kind::kGlobal) {
-          finding("call node is not [global, args]");
+      case pk::Kind::kCall: {
+        const bool shape = items.size() == 2 || items.size() == 3;
+        const pk::Kind func = shape ? tree.nodes[items[0]].kind : pk::Kind::kNone;
+        if (!shape || (func != pk::Kind::kGlobal && func != pk::Kind::kCall)) {
+          finding("call node is not [callable, args(, kwargs)]");
         }
         break;
+      }
       case pk::Kind::kPersistent:
-        if (node.items.size() != 1) finding("persistent node without exactly one id");
+        if (items.size() != 1) finding("persistent node without exactly one id");
         break;
       case pk::Kind::kDict:
-        if (node.items.size() % 2) finding("dict node with an odd number of items");
+        if (items.size() % 2) finding("dict node with an odd number of items");
         break;
       case pk::Kind::kGlobal:
-        if (node.text.empty()) finding("global node without a name");
+        if (tree.text(node).find('\n') == std::string::npos) finding("global node without module and name");
         break;
       default:
         break;
-    }
-    if (!node.builds.empty() && node.kind != pk::Kind::kCall && node.kind != pk::Kind::kDict) {
-      finding("BUILD accepted on a plain value");
     }
   }
 }
 
 // One pickle, or a run of up to `max_pickles` (the legacy format). Returns how many ran.
-int run_pickles(const uint8_t* data, size_t size, bool torchscript, int max_pickles) {
+int run_pickles(const uint8_t* data, size_t size, bool torchscript, bool opaque, int max_pickles) {
   size_t start = 0;
   int done = 0;
   while (done < max_pickles && start < size) {
     try {
-      const pk::Tree tree = pk::unpickle(data, size, start, rules_for(torchscript));
+      const pk::Tree tree = pk::unpickle(data, size, start, rules_for(torchscript, opaque));
       check_tree(tree, size, start);
       start = tree.end;
       ++done;
@@ -159,7 +182,7 @@ bool ends_with(const std::string& text, const char* suffix) {
   return text.size() >= tail.size() && text.compare(text.size() - tail.size(), tail.size(), tail) == 0;
 }
 
-void run_zip(const uint8_t* data, size_t size) {
+void run_zip(const uint8_t* data, size_t size, bool opaque) {
   std::vector<pyckpt::ZipEntry> entries;
   try {
     entries = pyckpt::read_zip_entries(pyckpt::MemorySource(data, size));
@@ -194,7 +217,7 @@ void run_zip(const uint8_t* data, size_t size) {
   }
   for (const pyckpt::ZipEntry& entry : entries) {
     if (!ends_with(entry.name, ".pkl") || entry.method != pyckpt::kMethodStored) continue;
-    run_pickles(data + entry.data_offset, static_cast<size_t>(entry.size), torchscript, 1);
+    run_pickles(data + entry.data_offset, static_cast<size_t>(entry.size), torchscript, opaque, 1);
   }
 }
 
@@ -202,10 +225,12 @@ void run_zip(const uint8_t* data, size_t size) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
-    run_zip(data, size);
-    // The legacy format: magic, protocol, sys_info, object, keys. The last byte picks the
-    // TorchScript rules, so both sets of global rules are exercised.
-    run_pickles(data, size, size > 0 && (data[size - 1] & 1), 5);
+    // The last byte picks the rules: bit 0 the TorchScript names, bit 1 opaque mode, so
+    // every set of global rules is exercised.
+    const uint8_t last = size > 0 ? data[size - 1] : 0;
+    run_zip(data, size, (last & 2) != 0);
+    // The legacy format: magic, protocol, sys_info, object, keys.
+    run_pickles(data, size, (last & 1) != 0, (last & 2) != 0, 5);
   } catch (const pyckpt::CheckpointError&) {
     finding("CheckpointError escaped the harness's own handlers");
   } catch (const std::exception& error) {

@@ -1,7 +1,6 @@
 #include "index/pickle_vm.h"
 
 #include <cstring>
-#include <unordered_map>
 
 #include "core/error.h"
 
@@ -10,10 +9,10 @@ namespace {
 
 constexpr const char* kTruncated = "pickle is truncated (no STOP before the end of the data)";
 constexpr size_t kMaxGlobalLine = 1024;
+constexpr size_t kMaxLongBytes = size_t{1} << 20;
 constexpr const char* kRefusedBuild =
     "refused BUILD: only Parameter, OrderedDict and allowlisted objects may be built";
-
-const char* const kBlockedModules[] = {"sys", "os", "posix", "nt"};
+const std::vector<NodeId> kNoItems;
 
 bool is_continuation(uint8_t c) { return (c & 0xC0) == 0x80; }
 
@@ -61,6 +60,29 @@ bool valid_utf8(const uint8_t* s, size_t n, bool allow_surrogates) {
 
 [[noreturn]] void truncated() { throw CheckpointError(ErrorKind::kTruncated, kTruncated); }
 
+[[noreturn]] void refused_opcode(uint8_t op, uint64_t at, bool opaque_reads_it) {
+  char hex[8];
+  std::snprintf(hex, sizeof(hex), "0x%02x", op);
+  std::string message = std::string("refused opcode ") + hex + " at offset " + std::to_string(at) +
+                        ": not one of the protocol-2 opcodes that torch's weights_only "
+                        "unpickler accepts";
+  if (opaque_reads_it) message += " (unknown_globals='opaque' reads protocols 2 to 5)";
+  throw CheckpointError(ErrorKind::kUnsafe, message);
+}
+
+// Opcodes of protocols 1 and 3 to 5 that only opaque mode reads (py_unpickler's
+// OPAQUE_ONLY_OPCODES).
+bool opaque_only(uint8_t op) {
+  switch (op) {
+    case 0x8C: case 0x8D: case 'B': case 'C': case 0x8E: case 0x96: case 0x93: case 0x94:
+    case 0x95: case 0x92: case 0x90: case 0x91: case 0x8B: case '0': case '1': case '2':
+    case 'T':
+      return true;
+    default:
+      return false;
+  }
+}
+
 class Machine {
  public:
   Machine(const uint8_t* data, size_t size, size_t start, const Rules& rules)
@@ -71,12 +93,47 @@ class Machine {
  private:
   NodeId add(Kind kind, uint64_t at) {
     tree_.nodes.emplace_back();
-    tree_.nodes.back().kind = kind;
-    tree_.nodes.back().offset = at;
+    Node& made = tree_.nodes.back();
+    made.kind = kind;
+    made.offset = at;
     return static_cast<NodeId>(tree_.nodes.size() - 1);
   }
   Node& node(NodeId id) { return tree_.nodes[id]; }
-  void push(NodeId id) { stack_.push_back(id); }
+  std::vector<NodeId>& items_of(NodeId id) {
+    Node& n = node(id);
+    if (n.items == kNoIndex) {
+      n.items = static_cast<uint32_t>(tree_.item_lists.size());
+      tree_.item_lists.emplace_back();
+    }
+    return tree_.item_lists[n.items];
+  }
+  NodeId with_items(Kind kind, uint64_t at, std::vector<NodeId> items) {
+    const NodeId id = add(kind, at);
+    items_of(id) = std::move(items);
+    return id;
+  }
+  void set_text(NodeId id, const void* bytes, size_t length) {
+    node(id).text = static_cast<uint32_t>(tree_.texts.size());
+    tree_.texts.emplace_back(static_cast<const char*>(bytes), length);
+  }
+  const std::string& text_of(NodeId id) const { return tree_.text(tree_.nodes[id]); }
+
+  void count_value(uint64_t at) {
+    if (++values_ > rules_.max_values) {
+      fail("pickle pushes more than " + std::to_string(rules_.max_values) + " values (at offset " +
+           std::to_string(at) +
+           "): far more than real checkpoints need, so it is refused before it exhausts memory "
+           "(PYCKPT_MAX_OBJECTS raises the limit)");
+    }
+  }
+  void push(NodeId id, uint64_t at) {
+    count_value(at);
+    stack_.push_back(id);
+  }
+  void memo_store(uint32_t index, NodeId id, uint64_t at) {
+    count_value(at);
+    memo_[index] = id;
+  }
 
   bool at_mark_boundary() const {
     return stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back());
@@ -99,17 +156,19 @@ class Machine {
     stack_.resize(base);
     return items;
   }
-  const uint8_t* take(size_t n) {
+  const uint8_t* take(uint64_t n) {
     if (n > end_ - pos_) truncated();
     const uint8_t* chunk = data_ + pos_;
     pos_ += n;
     return chunk;
   }
-  uint32_t u32() {
-    const uint8_t* p = take(4);
-    return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) |
-           (static_cast<uint32_t>(p[2]) << 16) | (static_cast<uint32_t>(p[3]) << 24);
+  uint64_t little(size_t width) {
+    const uint8_t* p = take(width);
+    uint64_t value = 0;
+    for (size_t i = 0; i < width; ++i) value |= static_cast<uint64_t>(p[i]) << (8 * i);
+    return value;
   }
+  uint32_t u32() { return static_cast<uint32_t>(little(4)); }
   std::string read_line(uint64_t at) {
     const size_t limit = std::min(end_, pos_ + kMaxGlobalLine);
     const void* newline = std::memchr(data_ + pos_, '\n', limit - pos_);
@@ -120,11 +179,18 @@ class Machine {
     pos_ += length + 1;
     return line;
   }
-  NodeId string_node(size_t length, bool allow_surrogates, uint64_t at) {
+  NodeId string_node(uint64_t length, bool allow_surrogates, uint64_t at) {
     const uint8_t* bytes = take(length);
     if (!valid_utf8(bytes, length, allow_surrogates)) bad(at, "string is not valid UTF-8");
     const NodeId id = add(Kind::kString, at);
-    node(id).text.assign(reinterpret_cast<const char*>(bytes), length);
+    set_text(id, bytes, length);
+    return id;
+  }
+  NodeId bytes_node(uint64_t length, bool bytearray, uint64_t at) {
+    const uint8_t* bytes = take(length);
+    const NodeId id = add(Kind::kBytes, at);
+    node(id).flag = bytearray;
+    set_text(id, bytes, length);
     return id;
   }
   NodeId int_node(int64_t value, uint64_t at) {
@@ -132,10 +198,14 @@ class Machine {
     node(id).integer = value;
     return id;
   }
-  NodeId long1(uint64_t at);
-  NodeId call(uint64_t at, bool new_object);
+  NodeId global_node(const std::string& module, const std::string& name, uint64_t at);
+  NodeId long_int(size_t n, uint64_t at);
+  NodeId call(uint64_t at, bool new_object, bool with_kwargs);
   NodeId container_from_call(const std::string& name, NodeId args, uint64_t at, bool new_object);
+  bool accepts_mutation(NodeId target) const;
   void set_items(NodeId target, const std::vector<NodeId>& items, uint64_t at);
+  void append(NodeId target, const std::vector<NodeId>& items, uint64_t at, const char* op);
+  void extended(uint8_t op, uint64_t at);
 
   const uint8_t* data_;
   size_t end_;
@@ -145,10 +215,20 @@ class Machine {
   std::vector<NodeId> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint32_t, NodeId> memo_;
+  uint64_t values_ = 0;
 };
 
-NodeId Machine::long1(uint64_t at) {
-  const size_t n = *take(1);
+NodeId Machine::global_node(const std::string& module, const std::string& name, uint64_t at) {
+  const GlobalName checked = check_global(module, name, rules_);
+  const NodeId id = add(Kind::kGlobal, at);
+  node(id).opaque = !checked.allowed;
+  const std::string packed = checked.module + "\n" + checked.name;
+  set_text(id, packed.data(), packed.size());
+  if (checked.unknown) ++tree_.unknown_globals[checked.module + "." + checked.name];
+  return id;
+}
+
+NodeId Machine::long_int(size_t n, uint64_t at) {
   const uint8_t* bytes = take(n);
   if (n <= 8) {
     uint64_t value = 0;
@@ -157,7 +237,7 @@ NodeId Machine::long1(uint64_t at) {
     return int_node(static_cast<int64_t>(value), at);
   }
   const NodeId id = add(Kind::kBigInt, at);
-  node(id).text.assign(reinterpret_cast<const char*>(bytes), n);
+  set_text(id, bytes, n);
   return id;
 }
 
@@ -165,63 +245,183 @@ NodeId Machine::long1(uint64_t at) {
 // SETITEMS fills them; every other call stays symbolic for the Python interpreter.
 NodeId Machine::container_from_call(const std::string& name, NodeId args, uint64_t at,
                                     bool new_object) {
-  const bool ordered = name == "collections.OrderedDict";
-  const bool counter = name == "collections.Counter";
+  const bool ordered = name == "collections\nOrderedDict";
+  const bool counter = name == "collections\nCounter";
+  const Node& a = node(args);
+  const std::vector<NodeId>& arg_items = tree_.items(a);
   if (!ordered && !counter) {
-    if (new_object && name == "builtins.set" && node(args).kind == Kind::kTuple &&
-        node(args).items.empty()) {
+    if (new_object && name == "builtins\nset" && a.kind == Kind::kTuple && arg_items.empty()) {
       return add(Kind::kSet, at);
     }
     return 0;
   }
-  const Node& a = node(args);
   if (a.kind != Kind::kTuple) return 0;
   std::vector<NodeId> items;
-  if (a.items.size() == 1 && !new_object) {
-    const Node& source = node(a.items[0]);
+  if (arg_items.size() == 1 && !new_object) {
+    const Node& source = node(arg_items[0]);
     if (ordered && source.kind == Kind::kList) {
-      for (NodeId pair : source.items) {
+      for (NodeId pair : tree_.items(source)) {
         const Node& p = node(pair);
-        if ((p.kind != Kind::kTuple && p.kind != Kind::kList) || p.items.size() != 2) return 0;
-        items.push_back(p.items[0]);
-        items.push_back(p.items[1]);
+        const std::vector<NodeId>& pair_items = tree_.items(p);
+        if ((p.kind != Kind::kTuple && p.kind != Kind::kList) || pair_items.size() != 2) return 0;
+        items.push_back(pair_items[0]);
+        items.push_back(pair_items[1]);
       }
     } else if (counter && source.kind == Kind::kDict) {
-      items = source.items;
+      items = tree_.items(source);
     } else {
       return 0;
     }
-  } else if (!a.items.empty()) {
+  } else if (!arg_items.empty()) {
     return 0;
   }
-  const NodeId id = add(Kind::kDict, at);
+  const NodeId id = with_items(Kind::kDict, at, std::move(items));
   node(id).dict_type = ordered ? DictType::kOrderedDict : DictType::kCounter;
-  node(id).items = std::move(items);
   return id;
 }
 
-NodeId Machine::call(uint64_t at, bool new_object) {
+NodeId Machine::call(uint64_t at, bool new_object, bool with_kwargs) {
+  const NodeId kwargs = with_kwargs ? pop(at) : 0;
   const NodeId args = pop(at);
   const NodeId func = pop(at);
-  if (node(func).kind != Kind::kGlobal) {
-    throw CheckpointError(ErrorKind::kUnsafe,
-                          std::string("refused ") + (new_object ? "NEWOBJ" : "REDUCE") +
-                              " at offset " + std::to_string(at) +
-                              ": the callable is not an allowlisted global");
+  const Node& f = node(func);
+  // In opaque mode a call's result may be called again (getattr(Outer, "Inner") names a
+  // nested class); the interpreter accepts only that shape.
+  if (f.kind != Kind::kGlobal && !(rules_.opaque && f.kind == Kind::kCall)) {
+    const char* op = with_kwargs ? "NEWOBJ_EX" : new_object ? "NEWOBJ" : "REDUCE";
+    throw CheckpointError(ErrorKind::kUnsafe, std::string("refused ") + op + " at offset " +
+                                                  std::to_string(at) +
+                                                  ": the callable is not an allowlisted global");
   }
-  const NodeId container = container_from_call(node(func).text, args, at, new_object);
-  if (container != 0) return container;
-  const NodeId id = add(Kind::kCall, at);
+  if (f.kind == Kind::kGlobal && !f.opaque && !with_kwargs) {
+    const NodeId container = container_from_call(text_of(func), args, at, new_object);
+    if (container != 0) return container;
+  }
+  std::vector<NodeId> parts = {func, args};
+  if (with_kwargs) parts.push_back(kwargs);
+  const NodeId id = with_items(Kind::kCall, at, std::move(parts));
   node(id).flag = new_object;
-  node(id).items = {func, args};
   return id;
+}
+
+// Only an object made by calling an opaque (or trusted) global may be appended to or given
+// items; the interpreter then checks it is an instance, not a class.
+bool Machine::accepts_mutation(NodeId target) const {
+  const Node& t = tree_.nodes[target];
+  if (t.kind != Kind::kCall) return false;
+  const Node& func = tree_.nodes[tree_.items(t)[0]];
+  return (func.kind == Kind::kGlobal && func.opaque) || func.kind == Kind::kCall;
 }
 
 void Machine::set_items(NodeId target, const std::vector<NodeId>& items, uint64_t at) {
-  if (node(target).kind != Kind::kDict) bad(at, "SETITEM on something that is not a dict");
   if (items.size() % 2) bad(at, "SETITEMS with an odd number of items");
-  std::vector<NodeId>& dict_items = node(target).items;
-  dict_items.insert(dict_items.end(), items.begin(), items.end());
+  if (node(target).kind == Kind::kDict) {
+    std::vector<NodeId>& dict_items = items_of(target);
+    dict_items.insert(dict_items.end(), items.begin(), items.end());
+    return;
+  }
+  if (!accepts_mutation(target)) bad(at, "SETITEM on something that is not a dict");
+  Extras& extras = tree_.extras[target];
+  if (extras.set_items.empty()) extras.set_offset = at;
+  extras.set_items.insert(extras.set_items.end(), items.begin(), items.end());
+}
+
+void Machine::append(NodeId target, const std::vector<NodeId>& items, uint64_t at, const char* op) {
+  if (node(target).kind == Kind::kList) {
+    std::vector<NodeId>& list = items_of(target);
+    list.insert(list.end(), items.begin(), items.end());
+    return;
+  }
+  if (!accepts_mutation(target)) bad(at, std::string(op) + " to something that is not a list");
+  Extras& extras = tree_.extras[target];
+  if (extras.appended.empty()) extras.append_offset = at;
+  extras.appended.insert(extras.appended.end(), items.begin(), items.end());
+}
+
+// The opcodes only opaque mode reads (see opaque_only).
+void Machine::extended(uint8_t op, uint64_t at) {
+  switch (op) {
+    case 0x8C:  // SHORT_BINUNICODE
+      push(string_node(*take(1), true, at), at);
+      break;
+    case 0x8D:  // BINUNICODE8
+      push(string_node(little(8), true, at), at);
+      break;
+    case 'T': {  // BINSTRING: a Python 2 str, decoded as torch decodes SHORT_BINSTRING
+      const int32_t length = static_cast<int32_t>(u32());
+      if (length < 0) bad(at, "negative string length");
+      push(string_node(static_cast<uint64_t>(length), false, at), at);
+      break;
+    }
+    case 'C':  // SHORT_BINBYTES
+      push(bytes_node(*take(1), false, at), at);
+      break;
+    case 'B':  // BINBYTES
+      push(bytes_node(u32(), false, at), at);
+      break;
+    case 0x8E:  // BINBYTES8
+      push(bytes_node(little(8), false, at), at);
+      break;
+    case 0x96:  // BYTEARRAY8
+      push(bytes_node(little(8), true, at), at);
+      break;
+    case 0x8B: {  // LONG4
+      const int32_t length = static_cast<int32_t>(u32());
+      if (length < 0 || static_cast<size_t>(length) > kMaxLongBytes) {
+        bad(at, "LONG4 of " + std::to_string(length) + " bytes");
+      }
+      push(long_int(static_cast<size_t>(length), at), at);
+      break;
+    }
+    case 0x93: {  // STACK_GLOBAL
+      const NodeId name = pop(at);
+      const NodeId module = pop(at);
+      if (node(module).kind != Kind::kString || node(name).kind != Kind::kString) {
+        bad(at, "STACK_GLOBAL needs two strings");
+      }
+      const std::string module_text = text_of(module), name_text = text_of(name);
+      if (module_text.find('\n') != std::string::npos || name_text.find('\n') != std::string::npos) {
+        bad(at, "STACK_GLOBAL name holds a line break");
+      }
+      push(global_node(module_text, name_text, at), at);
+      break;
+    }
+    case 0x94:  // MEMOIZE
+      memo_store(static_cast<uint32_t>(memo_.size()), top(at), at);
+      break;
+    case 0x95:  // FRAME: only a length hint
+      take(8);
+      break;
+    case 0x92:  // NEWOBJ_EX
+      push(call(at, true, true), at);
+      break;
+    case 0x90: {  // ADDITEMS
+      std::vector<NodeId> items = pop_mark(at);
+      const NodeId target = top(at);
+      if (node(target).kind != Kind::kSet) bad(at, "ADDITEMS to something that is not a set");
+      std::vector<NodeId>& set_items = items_of(target);
+      set_items.insert(set_items.end(), items.begin(), items.end());
+      break;
+    }
+    case 0x91:  // FROZENSET
+      push(with_items(Kind::kFrozenSet, at, pop_mark(at)), at);
+      break;
+    case '0':  // POP: the top item, or the mark when nothing stands above it
+      if (!at_mark_boundary()) {
+        stack_.pop_back();
+      } else if (!marks_.empty()) {
+        marks_.pop_back();
+      } else {
+        bad(at, "stack underflow");
+      }
+      break;
+    case '1':  // POP_MARK
+      pop_mark(at);
+      break;
+    default:  // '2' DUP
+      push(top(at), at);
+      break;
+  }
 }
 
 Tree Machine::run() {
@@ -232,11 +432,11 @@ Tree Machine::run() {
     const uint8_t op = data_[pos_++];
     switch (op) {
       case 'q':  // BINPUT
-        memo_[*take(1)] = top(at);
+        memo_store(*take(1), top(at), at);
         break;
       case 'r': {  // LONG_BINPUT
         const uint32_t index = u32();
-        memo_[index] = top(at);
+        memo_store(index, top(at), at);
         break;
       }
       case 'h':  // BINGET
@@ -246,98 +446,85 @@ Tree Machine::run() {
         if (found == memo_.end()) {
           bad(at, "memo index " + std::to_string(index) + " was never stored");
         }
-        push(found->second);
+        push(found->second, at);
         break;
       }
       case 'X': {  // BINUNICODE
         const uint32_t length = u32();
-        push(string_node(length, true, at));
+        push(string_node(length, true, at), at);
         break;
       }
       case 'U': {  // SHORT_BINSTRING (torch decodes it as strict UTF-8)
         const size_t length = *take(1);
-        push(string_node(length, false, at));
+        push(string_node(length, false, at), at);
         break;
       }
       case 'K':  // BININT1
-        push(int_node(*take(1), at));
+        push(int_node(*take(1), at), at);
         break;
       case 'M': {  // BININT2
         const uint8_t* p = take(2);
-        push(int_node(p[0] | (p[1] << 8), at));
+        push(int_node(p[0] | (p[1] << 8), at), at);
         break;
       }
       case 'J':  // BININT
-        push(int_node(static_cast<int32_t>(u32()), at));
+        push(int_node(static_cast<int32_t>(u32()), at), at);
         break;
       case 0x8A:  // LONG1
-        push(long1(at));
+        push(long_int(*take(1), at), at);
         break;
       case 'G': {  // BINFLOAT, big-endian
         const uint8_t* p = take(8);
         uint64_t bits = 0;
         for (int i = 0; i < 8; ++i) bits = (bits << 8) | p[i];
-        double value;
-        std::memcpy(&value, &bits, sizeof(value));
         const NodeId id = add(Kind::kFloat, at);
-        node(id).real = value;
-        push(id);
+        std::memcpy(&node(id).real, &bits, sizeof(bits));
+        push(id, at);
         break;
       }
       case 'N':  // NONE
-        push(0);
+        push(0, at);
         break;
       case 0x88:  // NEWTRUE
       case 0x89: {  // NEWFALSE
         const NodeId id = add(Kind::kBool, at);
         node(id).flag = op == 0x88;
-        push(id);
+        push(id, at);
         break;
       }
       case '(':  // MARK
         marks_.push_back(stack_.size());
         break;
       case ')':  // EMPTY_TUPLE
-        push(add(Kind::kTuple, at));
+        push(add(Kind::kTuple, at), at);
         break;
-      case 't': {  // TUPLE
-        std::vector<NodeId> items = pop_mark(at);
-        const NodeId id = add(Kind::kTuple, at);
-        node(id).items = std::move(items);
-        push(id);
+      case 't':  // TUPLE
+        push(with_items(Kind::kTuple, at, pop_mark(at)), at);
         break;
-      }
       case 0x85:  // TUPLE1
       case 0x86:  // TUPLE2
       case 0x87: {  // TUPLE3
         const size_t count = static_cast<size_t>(op - 0x84);
         std::vector<NodeId> items(count);
         for (size_t i = count; i-- > 0;) items[i] = pop(at);
-        const NodeId id = add(Kind::kTuple, at);
-        node(id).items = std::move(items);
-        push(id);
+        push(with_items(Kind::kTuple, at, std::move(items)), at);
         break;
       }
       case ']':  // EMPTY_LIST
-        push(add(Kind::kList, at));
+        push(add(Kind::kList, at), at);
         break;
       case 'a': {  // APPEND
         const NodeId item = pop(at);
-        const NodeId target = top(at);
-        if (node(target).kind != Kind::kList) bad(at, "APPEND to something that is not a list");
-        node(target).items.push_back(item);
+        append(top(at), {item}, at, "APPEND");
         break;
       }
       case 'e': {  // APPENDS
         std::vector<NodeId> items = pop_mark(at);
-        const NodeId target = top(at);
-        if (node(target).kind != Kind::kList) bad(at, "APPENDS to something that is not a list");
-        std::vector<NodeId>& list = node(target).items;
-        list.insert(list.end(), items.begin(), items.end());
+        append(top(at), items, at, "APPENDS");
         break;
       }
       case '}':  // EMPTY_DICT
-        push(add(Kind::kDict, at));
+        push(add(Kind::kDict, at), at);
         break;
       case 's': {  // SETITEM
         const NodeId value = pop(at);
@@ -351,27 +538,23 @@ Tree Machine::run() {
         break;
       }
       case 0x8F:  // EMPTY_SET
-        push(add(Kind::kSet, at));
+        push(add(Kind::kSet, at), at);
         break;
       case 'c': {  // GLOBAL
         const std::string module = read_line(at);
         const std::string name = read_line(at);
-        const NodeId id = add(Kind::kGlobal, at);
-        node(id).text = check_global(module, name, rules_);
-        push(id);
+        push(global_node(module, name, at), at);
         break;
       }
       case 'R':  // REDUCE
-        push(call(at, false));
+        push(call(at, false, false), at);
         break;
       case 0x81:  // NEWOBJ
-        push(call(at, true));
+        push(call(at, true, false), at);
         break;
       case 'Q': {  // BINPERSID
         const NodeId pid = pop(at);
-        const NodeId id = add(Kind::kPersistent, at);
-        node(id).items = {pid};
-        push(id);
+        push(with_items(Kind::kPersistent, at, {pid}), at);
         break;
       }
       case 'b': {  // BUILD
@@ -384,7 +567,7 @@ Tree Machine::run() {
                                                         " (pickle offset " +
                                                         std::to_string(at) + ")");
         }
-        node(target).builds.push_back({state, at});
+        tree_.extras[target].builds.push_back({state, at});
         break;
       }
       case 0x80:  // PROTO
@@ -394,42 +577,56 @@ Tree Machine::run() {
         tree_.root = pop(at);
         tree_.end = pos_;
         return std::move(tree_);
-      default: {
-        char hex[8];
-        std::snprintf(hex, sizeof(hex), "0x%02x", op);
-        throw CheckpointError(ErrorKind::kUnsafe,
-                              std::string("refused opcode ") + hex + " at offset " +
-                                  std::to_string(at) +
-                                  ": not one of the protocol-2 opcodes that torch's "
-                                  "weights_only unpickler accepts");
-      }
+      default:
+        if (!opaque_only(op)) refused_opcode(op, at, false);
+        if (!rules_.opaque) refused_opcode(op, at, true);
+        extended(op, at);
+        break;
     }
   }
 }
 
 }  // namespace
 
-std::string check_global(const std::string& raw_module, const std::string& name,
-                         const Rules& rules) {
-  std::string module = raw_module;
-  if (module == "__builtin__") module = "builtins";
-  if (module == "copy_reg") module = "copyreg";
+const std::string& Tree::text(const Node& node) const {
+  static const std::string empty;
+  return node.text == kNoIndex ? empty : texts[node.text];
+}
+
+const std::vector<NodeId>& Tree::items(const Node& node) const {
+  return node.items == kNoIndex ? kNoItems : item_lists[node.items];
+}
+
+const Extras* Tree::extras_of(NodeId id) const {
+  const auto found = extras.find(id);
+  return found == extras.end() ? nullptr : &found->second;
+}
+
+GlobalName check_global(const std::string& raw_module, const std::string& name,
+                        const Rules& rules) {
+  const auto alias = rules.module_aliases.find(raw_module);
+  const std::string module = alias == rules.module_aliases.end() ? raw_module : alias->second;
   const std::string full = module + "." + name;
   const std::string first = module.substr(0, module.find('.'));
-  for (const char* blocked : kBlockedModules) {
-    if (module == blocked || first == blocked) {
-      throw CheckpointError(ErrorKind::kUnsafe, "refused global " + full + ": module " + module +
-                                                    " is always blocked");
-    }
+  bool blocked = false;
+  for (const std::string& name_blocked : rules.blocked_modules) {
+    if (module == name_blocked || first == name_blocked) blocked = true;
   }
-  if (rules.allowed.count(full)) return full;
+  if (blocked && !rules.list_blocked) {
+    throw CheckpointError(ErrorKind::kUnsafe, "refused global " + full + ": module " + module +
+                                                  " is always blocked");
+  }
+  if (!blocked && rules.allowed.count(full)) return {module, name, true, false};
   if (rules.torchscript &&
       (full.rfind("__torch__.", 0) == 0 || rules.torchscript_helpers.count(full))) {
-    return full;
+    return {module, name, true, false};
   }
+  if (!blocked && rules.trusted.count(full)) return {module, name, false, false};
+  if (rules.opaque) return {module, name, false, true};
   throw CheckpointError(ErrorKind::kUnsafe,
                         "refused global " + full +
                             ": it is not on torch's weights_only allowlist (load with "
+                            "unknown_globals='opaque' to keep it as an inert record, or "
                             "weights_only=False only if you trust the file)");
 }
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._backend import env_flag, env_positive
+from .._env import env_flag, env_positive
 from ..index.checkpoint import CheckpointIndex
 from ..index.records import METHOD_STORED, StorageRecord
 from ..index.source import FileSource, Source

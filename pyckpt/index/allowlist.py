@@ -1,7 +1,7 @@
 """The rules for what a checkpoint may call, and the values the index builds itself.
 
 Names and facts come from :mod:`pyckpt.index.symbols` (torch's allowlist, known without
-importing torch). Modules torch always blocks are refused even if someone allowlists them.
+importing torch); what a run may accept beyond it is :mod:`pyckpt.index.policy`.
 """
 
 from __future__ import annotations
@@ -9,13 +9,8 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from typing import Any
 
+from .policy import PY2_MODULES
 from .symbols import LAYOUTS
-
-BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt"})
-
-# Python 2 module names that torch's unpickler maps (through _compat_pickle) for the
-# globals on the allowlist.
-PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 # Calls whose result the index builds itself (as records or plain values); every other
 # allowlisted callable becomes a CallRecord that torch's own function materialises.

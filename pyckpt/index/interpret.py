@@ -16,12 +16,15 @@ from typing import Any
 
 from ..errors import CheckpointError, UnsafeCheckpointError
 from . import allowlist as names
+from .opaque import Opaque
+from .policy import BLOCKED_MODULES, GlobalsPolicy
 from .records import CallRecord, ParameterRecord, ScriptObject, StorageRecord, StorageRef, TensorRecord
 from .symbols import ALLOWED_GLOBALS, NOT_CALLABLE, STORAGE_TYPES, DType, Symbol, dtype_of_global, symbol
 
 PersistentLoad = Callable[[str, DType, str, int, Any], StorageRecord]
 
 INT64_MAX = (1 << 63) - 1
+GETATTR = "builtins.getattr"
 REFUSED_BUILD = "refused BUILD: only Parameter, OrderedDict and allowlisted objects may be built"
 
 
@@ -55,40 +58,63 @@ class ScriptClass:
 
 
 class Interpreter:
-    """Turns the unpickler's GLOBAL / REDUCE / NEWOBJ / BUILD / BINPERSID into values."""
+    """Turns the unpickler's GLOBAL / REDUCE / NEWOBJ / BUILD / BINPERSID into values.
 
-    def __init__(self, persistent_load: PersistentLoad, *, torchscript: bool = False) -> None:
+    ``policy`` says what happens to globals beyond torch's allowlist: refused (the default,
+    torch's weights_only behaviour) or kept as inert :class:`Opaque` records.
+    """
+
+    def __init__(
+        self, persistent_load: PersistentLoad, *, torchscript: bool = False, policy: GlobalsPolicy | None = None
+    ) -> None:
         self.allowed = ALLOWED_GLOBALS
         self.persistent_load_fn = persistent_load
         self.torchscript = torchscript
-        self._script_classes: dict[str, ScriptClass] = {}
+        self.policy = policy if policy is not None else GlobalsPolicy()
+        # Globals kept opaque that are not user-trusted, with how often the pickle names them.
+        self.unknown_names: dict[str, int] = {}
+        self._classes: dict[tuple[str, str], Any] = {}
 
     # -- GLOBAL -----------------------------------------------------------------------
-    def check_global(self, module: str, name: str) -> str:
-        """Return the full name if the global may be named, else raise."""
+    def check_global(self, module: str, name: str) -> tuple[str, str]:
+        """The (module, name) a GLOBAL names, Python 2 names mapped, if it may be named; else raise."""
         module = names.resolve_module(module)
         full = f"{module}.{name}"
-        if module in names.BLOCKED_MODULES or module.split(".", 1)[0] in names.BLOCKED_MODULES:
+        blocked = module in BLOCKED_MODULES or module.split(".", 1)[0] in BLOCKED_MODULES
+        if blocked and not self.policy.list_blocked:
             raise UnsafeCheckpointError(f"refused global {full}: module {module} is always blocked")
-        if full in self.allowed:
-            return full
+        if not blocked and full in self.allowed:
+            return module, name
         if self.torchscript and (
             full.startswith(names.TORCHSCRIPT_CLASS_PREFIX) or full in names.TORCHSCRIPT_IDENTITY_HELPERS
         ):
-            return full
+            return module, name
+        if full in self.policy.trusted and not blocked:
+            return module, name
+        if self.policy.opaque:
+            self.unknown_names[full] = self.unknown_names.get(full, 0) + 1
+            return module, name
         raise UnsafeCheckpointError(
-            f"refused global {full}: it is not on torch's weights_only allowlist "
-            "(load with weights_only=False only if you trust the file)"
+            f"refused global {full}: it is not on torch's weights_only allowlist (load with "
+            "unknown_globals='opaque' to keep it as an inert record, or weights_only=False only "
+            "if you trust the file)"
         )
 
-    def resolve_global(self, full_name: str) -> Any:
-        """The value a GLOBAL pushes: a DType, a Symbol, or a TorchScript class marker."""
-        if full_name in self.allowed:
-            return dtype_of_global(full_name) or symbol(full_name)
-        script_class = self._script_classes.get(full_name)
-        if script_class is None:
-            script_class = self._script_classes[full_name] = ScriptClass(full_name)
-        return script_class
+    def resolve_global(self, module: str, name: str) -> Any:
+        """What a GLOBAL pushes: a DType, a Symbol, a TorchScript class or a bare Opaque."""
+        full = f"{module}.{name}"
+        if full in self.allowed and module.split(".", 1)[0] not in BLOCKED_MODULES:
+            return dtype_of_global(full) or symbol(full)
+        found = self._classes.get((module, name))
+        if found is None:
+            if self.torchscript and (
+                full.startswith(names.TORCHSCRIPT_CLASS_PREFIX) or full in names.TORCHSCRIPT_IDENTITY_HELPERS
+            ):
+                found = ScriptClass(full)
+            else:
+                found = Opaque(module, name)
+            self._classes[(module, name)] = found
+        return found
 
     def global_name(self, obj: Any) -> str | None:
         """The name of a value a GLOBAL pushed (None for anything else)."""
@@ -98,32 +124,76 @@ class Interpreter:
             return str(obj)
         if isinstance(obj, ScriptClass):
             return obj.qualified_name
+        if isinstance(obj, Opaque) and not obj.called:
+            return obj.qualified_name
         return None
 
     # -- the entry points both VMs use, with the opcode offset for messages --------------
-    def call_at(self, func_name: str, args: Any, new_object: bool, offset: int) -> Any:
+    def call_at(self, func: Any, args: Any, new_object: bool, offset: int, kwargs: Any = None) -> Any:
         with _at_offset(offset):
-            return self.call(func_name, args, new_object=new_object)
+            return self.call(func, args, new_object=new_object, kwargs=kwargs)
 
     def build_at(self, obj: Any, state: Any, offset: int) -> None:
         with _at_offset(offset):
             self.build(obj, state)
+
+    def extend_at(self, obj: Any, items: list[Any], offset: int) -> None:
+        """APPEND(S) onto something that is not a list: only an opaque object records it."""
+        if not (isinstance(obj, Opaque) and obj.called):
+            raise CheckpointError(f"bad pickle at offset {offset}: APPENDS to something that is not a list")
+        obj.items.extend(items)
+
+    def set_items_at(self, obj: Any, items: list[Any], offset: int) -> None:
+        """SETITEM(S) (``items`` flat: key, value, ...) onto an opaque object."""
+        if not (isinstance(obj, Opaque) and obj.called):
+            raise CheckpointError(f"bad pickle at offset {offset}: SETITEM on something that is not a dict")
+        if len(items) % 2:
+            raise CheckpointError(f"bad pickle at offset {offset}: SETITEMS with an odd number of items")
+        obj.dict_items.extend(zip(items[0::2], items[1::2]))
 
     def persistent_at(self, pid: Any, offset: int) -> StorageRef:
         with _at_offset(offset):
             return self.persistent(pid)
 
     # -- REDUCE / NEWOBJ --------------------------------------------------------------
-    def call(self, func_name: str, args: Any, *, new_object: bool = False) -> Any:
-        op = "NEWOBJ" if new_object else "REDUCE"
+    def call(self, func: Any, args: Any, *, new_object: bool = False, kwargs: Any = None) -> Any:
+        op = ("NEWOBJ_EX" if kwargs is not None else "NEWOBJ") if new_object else "REDUCE"
+        if isinstance(func, Opaque):
+            if func.called:
+                raise UnsafeCheckpointError(f"refused {op}: the callable is an object, not a global")
+            return self._opaque_call(func, args, kwargs, new_object, op)
+        func_name = self.global_name(func)
+        if func_name is None:
+            raise UnsafeCheckpointError(f"refused {op}: the callable is not an allowlisted global")
         if type(args) is not tuple:
             raise CheckpointError(f"{op} of {func_name} with arguments that are not a tuple")
+        if kwargs is not None:
+            raise UnsafeCheckpointError(f"refused NEWOBJ_EX of {func_name}: only opaque classes take keyword arguments")
         try:
             return self._call(func_name, args, new_object)
         except CheckpointError:
             raise
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise CheckpointError(f"bad arguments for {func_name}: {exc}") from None
+
+    def _opaque_call(self, func: Opaque, args: Any, kwargs: Any, new_object: bool, op: str) -> Opaque:
+        if type(args) is not tuple:
+            raise CheckpointError(f"{op} of {func.qualified_name} with arguments that are not a tuple")
+        if kwargs is not None and not (type(kwargs) is dict and all(type(k) is str for k in kwargs)):
+            raise CheckpointError(f"{op} of {func.qualified_name} with keyword arguments that are not a dict of names")
+        base = args[0] if len(args) == 2 else None
+        if (
+            func.qualified_name == GETATTR
+            and not new_object
+            and kwargs is None
+            and isinstance(base, Opaque)
+            and not base.called
+            and type(args[1]) is str
+        ):
+            # How protocol 2 names a nested class: getattr(Outer, "Inner"). Pure name
+            # arithmetic, so the result is the bare global Outer.Inner; nothing is looked up.
+            return self.resolve_global(base.module, f"{base.name}.{args[1]}")
+        return Opaque(func.module, func.name, args, kwargs, new_object=new_object)
 
     def _call(self, name: str, args: tuple[Any, ...], new_object: bool) -> Any:
         if name in (names.REBUILD_TENSOR_V2, names.REBUILD_TENSOR_V3, names.REBUILD_TENSOR):
@@ -198,7 +268,13 @@ class Interpreter:
 
     # -- BUILD ------------------------------------------------------------------------
     def build(self, obj: Any, state: Any) -> None:
-        if type(obj) in (OrderedDict, Counter):
+        if isinstance(obj, Opaque):
+            if not obj.called:
+                raise UnsafeCheckpointError(f"refused BUILD of {obj.qualified_name}: it is a class, not an object")
+            if obj.state is not None:
+                raise CheckpointError(f"BUILD of {obj.qualified_name} with a repeated state")
+            obj.state = state
+        elif type(obj) in (OrderedDict, Counter):
             if not isinstance(state, dict) or not all(type(k) is str for k in state):
                 raise CheckpointError(f"BUILD of {type(obj).__name__} with a state that is not a dict of names")
             obj.__dict__.update(state)

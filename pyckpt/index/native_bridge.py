@@ -7,6 +7,7 @@ from typing import Any
 
 from . import allowlist as names
 from .interpret import Interpreter
+from .policy import BLOCKED_MODULES, MAX_NESTING, PY2_MODULES
 from .py_zip import decode_name
 from .records import ZipEntry
 from .source import FileSource, Source
@@ -21,12 +22,18 @@ def zip_entries(native: ModuleType, source: Source) -> list[ZipEntry]:
 
 
 def unpickle(native: ModuleType, data: bytes, interpreter: Interpreter, *, start: int = 0) -> tuple[Any, int]:
-    obj, end = native.unpickle(
-        data,
-        start,
-        interpreter,
-        allowed=sorted(interpreter.allowed),
-        torchscript_helpers=sorted(names.TORCHSCRIPT_IDENTITY_HELPERS),
-        torchscript=interpreter.torchscript,
-    )
+    """The native VM, given exactly the rules the Python VM reads from the policy."""
+    policy = interpreter.policy
+    rules = {
+        "allowed": interpreter.allowed,
+        "torchscript_helpers": names.TORCHSCRIPT_IDENTITY_HELPERS,
+        "trusted": policy.trusted,
+        "blocked_modules": BLOCKED_MODULES,
+        "module_aliases": PY2_MODULES,
+        "torchscript": interpreter.torchscript,
+        "opaque": policy.opaque,
+        "list_blocked": policy.list_blocked,
+        "max_values": policy.max_objects,
+    }
+    obj, end = native.unpickle(data, start, interpreter, rules=rules, max_nesting=MAX_NESTING)
     return obj, end

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "buffer_view.h"
+#include "bindings/buffer_view.h"
 #include "core/byte_source.h"
 #include "core/error.h"
 #include "device/ring_loader.h"

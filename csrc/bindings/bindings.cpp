@@ -1,7 +1,7 @@
-// The only file of the core that knows about Python: it registers the native core with
-// pybind11 as pyckpt._core, converts the unpickler's tree into Python objects through the
-// shared Interpreter, and turns pyckpt::CheckpointError into pyckpt.CheckpointError. No
-// logic of its own, and no torch: importing the core does not load libtorch.
+// Registers the native core with pybind11 as pyckpt._core and turns pyckpt::CheckpointError
+// into pyckpt.CheckpointError. With py_tree.cpp (the unpickler's tree as Python objects) and
+// buffer_view.h, csrc/bindings/ is the only place the core meets Python. No logic of its
+// own, and no torch: importing the core does not load libtorch.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -11,7 +11,8 @@
 #include <system_error>
 #include <vector>
 
-#include "buffer_view.h"
+#include "bindings/buffer_view.h"
+#include "bindings/py_tree.h"
 #include "core/byte_source.h"
 #include "core/error.h"
 #include "index/pickle_vm.h"
@@ -29,8 +30,6 @@ using pyckpt::ErrorKind;
 namespace pk = pyckpt::pickle;
 
 namespace {
-
-constexpr int kMaxNesting = 512;
 
 py::object errors_module() { return py::module_::import("pyckpt.errors"); }
 
@@ -59,146 +58,17 @@ py::list entries_list(const std::vector<pyckpt::ZipEntry>& entries) {
   return result;
 }
 
-// Turns the unpickler's arena into Python objects. Calls, builds and persistent ids go to
-// the Python Interpreter, in the order the pickle created them, exactly as the Python
-// unpickler would have applied them.
-class TreeConverter {
- public:
-  TreeConverter(const pk::Tree& tree, py::object interpreter)
-      : tree_(tree), interpreter_(std::move(interpreter)), built_(tree.nodes.size()) {
-    py::object collections = py::module_::import("collections");
-    ordered_dict_ = collections.attr("OrderedDict");
-    counter_ = collections.attr("Counter");
-    int_from_bytes_ = py::module_::import("builtins").attr("int").attr("from_bytes");
-  }
-
-  py::object convert_all() {
-    // Evaluate every call, persistent id, mapping and build, reachable or not, so the
-    // native and Python backends reject exactly the same pickles.
-    for (pk::NodeId id = 0; id < tree_.nodes.size(); ++id) {
-      const pk::Node& node = tree_.nodes[id];
-      if (node.kind == pk::Kind::kCall || node.kind == pk::Kind::kPersistent ||
-          node.kind == pk::Kind::kDict || !node.builds.empty()) {
-        convert(id, 0);
-      }
-    }
-    return convert(tree_.root, 0);
-  }
-
- private:
-  py::object convert(pk::NodeId id, int depth) {
-    if (built_[id]) return built_[id];
-    if (depth > kMaxNesting) {
-      throw CheckpointError(ErrorKind::kCorrupt, "object tree nests deeper than " +
-                                                     std::to_string(kMaxNesting) + " levels");
-    }
-    const pk::Node& node = tree_.nodes[id];
-    py::object result;
-    switch (node.kind) {
-      case pk::Kind::kNone:
-        result = py::none();
-        break;
-      case pk::Kind::kBool:
-        result = py::bool_(node.flag);
-        break;
-      case pk::Kind::kInt:
-        result = py::int_(node.integer);
-        break;
-      case pk::Kind::kBigInt:
-        result = int_from_bytes_(py::bytes(node.text), "little", py::arg("signed") = true);
-        break;
-      case pk::Kind::kFloat:
-        result = py::float_(node.real);
-        break;
-      case pk::Kind::kString: {
-        PyObject* text = PyUnicode_DecodeUTF8(node.text.data(),
-                                              static_cast<Py_ssize_t>(node.text.size()),
-                                              "surrogatepass");
-        if (text == nullptr) throw py::error_already_set();
-        result = py::reinterpret_steal<py::object>(text);
-        break;
-      }
-      case pk::Kind::kList: {
-        py::list list;
-        built_[id] = list;
-        for (pk::NodeId item : node.items) list.append(convert(item, depth + 1));
-        result = list;
-        break;
-      }
-      case pk::Kind::kTuple: {
-        py::tuple tuple(node.items.size());
-        for (size_t i = 0; i < node.items.size(); ++i) tuple[i] = convert(node.items[i], depth + 1);
-        result = tuple;
-        break;
-      }
-      case pk::Kind::kSet:
-        result = py::set();
-        break;
-      case pk::Kind::kDict:
-        result = convert_dict(id, node, depth);
-        break;
-      case pk::Kind::kGlobal:
-        result = interpreter_.attr("resolve_global")(node.text);
-        break;
-      case pk::Kind::kCall: {
-        const std::string& name = tree_.nodes[node.items[0]].text;
-        py::object args = convert(node.items[1], depth + 1);
-        result = interpreter_.attr("call_at")(name, args, node.flag, node.offset);
-        break;
-      }
-      case pk::Kind::kPersistent: {
-        py::object pid = convert(node.items[0], depth + 1);
-        result = interpreter_.attr("persistent_at")(pid, node.offset);
-        break;
-      }
-    }
-    built_[id] = result;
-    for (const pk::Build& build : node.builds) {
-      interpreter_.attr("build_at")(result, convert(build.state, depth + 1), build.offset);
-    }
-    return result;
-  }
-
-  py::object convert_dict(pk::NodeId id, const pk::Node& node, int depth) {
-    py::object mapping = node.dict_type == pk::DictType::kOrderedDict ? ordered_dict_()
-                         : node.dict_type == pk::DictType::kCounter   ? counter_()
-                                                                      : py::dict();
-    built_[id] = mapping;
-    for (size_t i = 0; i + 1 < node.items.size(); i += 2) {
-      py::object key = convert(node.items[i], depth + 1);
-      py::object value = convert(node.items[i + 1], depth + 1);
-      if (PyObject_SetItem(mapping.ptr(), key.ptr(), value.ptr()) != 0) {
-        if (!PyErr_ExceptionMatches(PyExc_TypeError)) throw py::error_already_set();
-        PyErr_Clear();
-        throw CheckpointError(ErrorKind::kCorrupt,
-                              std::string("bad pickle: dict key of type ") +
-                                  Py_TYPE(key.ptr())->tp_name + " is not hashable");
-      }
-    }
-    return mapping;
-  }
-
-  const pk::Tree& tree_;
-  py::object interpreter_;
-  std::vector<py::object> built_;
-  py::object ordered_dict_, counter_, int_from_bytes_;
-};
-
 py::tuple unpickle(const py::buffer& data, uint64_t start, py::object interpreter,
-                   const std::vector<std::string>& allowed,
-                   const std::vector<std::string>& torchscript_helpers, bool torchscript) {
+                   const py::dict& rules, int max_nesting) {
   BufferView view = view_of(data);
-  pk::Rules rules;
-  rules.allowed.insert(allowed.begin(), allowed.end());
-  rules.torchscript_helpers.insert(torchscript_helpers.begin(), torchscript_helpers.end());
-  rules.torchscript = torchscript;
+  const pk::Rules parsed = pyckpt::bindings::rules_from(rules);
   pk::Tree tree;
   {
     py::gil_scoped_release release;
-    tree = pk::unpickle(view.data, view.size, start, rules);
+    tree = pk::unpickle(view.data, view.size, start, parsed);
   }
-  TreeConverter converter(tree, std::move(interpreter));
-  return py::make_tuple(converter.convert_all(), tree.end);
+  py::object root = pyckpt::bindings::tree_to_python(tree, std::move(interpreter), max_nesting);
+  return py::make_tuple(root, tree.end);
 }
 
 std::vector<pyckpt::CrcRange> crc_ranges(const py::list& ranges) {
@@ -276,7 +146,7 @@ PYBIND11_MODULE(_core, m) {
     return entries_list(entries);
   });
   m.def("unpickle", &unpickle, py::arg("data"), py::arg("start"), py::arg("interpreter"),
-        py::arg("allowed"), py::arg("torchscript_helpers"), py::arg("torchscript"));
+        py::arg("rules"), py::arg("max_nesting"));
   m.def("read_into_fd", [](int fd, uint64_t size, const py::list& jobs, int threads) {
     const ReadJobs parsed = read_jobs(jobs);
     py::gil_scoped_release release;
