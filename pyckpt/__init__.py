@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "ConvertReport",
     "KeyCollisionError",
+    "Opaque",
     "UnsafeCheckpointError",
     "backend",
     "backend_info",
@@ -23,14 +24,19 @@ __all__ = [
     "load",
     "load_state_dict",
     "release_buffers",
+    "state_dict_of",
+    "unknown_globals",
 ]
 
 if TYPE_CHECKING:
     from ._backend import BackendInfo
     from .converting import ConvertReport, convert
     from .execute.device import release_buffers
+    from .index.opaque import Opaque
+    from .inspection import unknown_globals
     from .loading import load
     from .module_loading import load_state_dict
+    from .pickled_module import state_dict_of
 
 _LAZY = {
     "load": "loading",
@@ -38,6 +44,9 @@ _LAZY = {
     "convert": "converting",
     "ConvertReport": "converting",
     "release_buffers": "execute.device",
+    "Opaque": "index.opaque",
+    "state_dict_of": "pickled_module",
+    "unknown_globals": "inspection",
 }
 
 

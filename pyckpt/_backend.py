@@ -35,8 +35,8 @@ class Backend(Protocol):
 
     def unpickle(self, data: bytes, interpreter: Interpreter, *, start: int = 0) -> tuple[Any, int]: ...
 
-    def map_file(self, source: Source) -> torch.UntypedStorage:
-        """The whole file as one private (copy-on-write) mapping."""
+    def map_file(self, source: Source, *, shared: bool = False) -> torch.UntypedStorage:
+        """The whole file as one private (copy-on-write) mapping; ``shared``: MAP_SHARED."""
         ...
 
     def read_into(self, source: Source, jobs: list[tuple[int, torch.Tensor]]) -> None:
@@ -88,10 +88,10 @@ class _SharedPaths:
 class PythonBackend(_SharedPaths):
     name = "python"
 
-    def map_file(self, source: Source) -> torch.UntypedStorage:
+    def map_file(self, source: Source, *, shared: bool = False) -> torch.UntypedStorage:
         import torch
 
-        return torch.UntypedStorage.from_file(source.path, False, source.size)
+        return torch.UntypedStorage.from_file(source.path, shared, source.size)
 
     def read_into(self, source: Source, jobs: list[tuple[int, torch.Tensor]]) -> None:
         for offset, tensor in jobs:
@@ -140,11 +140,12 @@ class NativeBackend(_SharedPaths):
 
         return unpickle(self.module, data, interpreter, start=start)
 
-    def map_file(self, source: Source) -> torch.UntypedStorage:
+    def map_file(self, source: Source, *, shared: bool = False) -> torch.UntypedStorage:
         import torch
 
         # The tensor keeps the mapping object (and so the mapping) alive.
-        return torch.frombuffer(self.module.map_file(source.path), dtype=torch.uint8).untyped_storage()
+        mapping = self.module.map_file(source.path, shared)
+        return torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage()
 
     def read_into(self, source: Source, jobs: list[tuple[int, torch.Tensor]]) -> None:
         from .index.source import FileSource

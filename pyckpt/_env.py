@@ -41,3 +41,8 @@ def max_pickle_objects() -> int:
     stopped after a few hundred megabytes instead of exhausting memory.
     """
     return env_positive("PYCKPT_MAX_OBJECTS", 1 << 25)
+
+
+def explicit_max_objects() -> bool:
+    """Whether ``PYCKPT_MAX_OBJECTS`` is set (then it is the only bound on a pickle's values)."""
+    return bool(os.environ.get("PYCKPT_MAX_OBJECTS", "").strip())

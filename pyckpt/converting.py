@@ -17,9 +17,10 @@ from ._backend import current_backend
 from ._units import human_bytes
 from .errors import CheckpointError
 from .index import index_checkpoint
+from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index.records import TensorRecord, describe_value
 from .plan import check_view, iter_records
-from .rename import AUTO, RenameReport, RenameRules, find_state_dict, make_key_map, rename_state_dict, rename_tree
+from .rename import ROOT, AUTO, RenameReport, RenameRules, locate_state_dict, make_key_map, rename_state_dict, rename_tree
 from .sinks.atomic import AtomicFile
 from .sinks.pt_writer import write_pt
 from .sinks.safetensors_writer import write_safetensors
@@ -70,6 +71,7 @@ def convert(
     key: str | None = None,
     overwrite: bool = False,
     drop_extra: bool = False,
+    extract_state_dict: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ConvertReport:
     """Write ``src`` to ``dst`` with renamed keys; nothing stands at ``dst`` unless it succeeds.
@@ -78,10 +80,17 @@ def convert(
         strip_prefix: ``"auto"`` (default), None, or a prefix; as in ``pyckpt.load``.
         rename: ``(regex, replacement)`` pairs applied after ``strip_prefix``.
         format: ``"pt"`` or ``"safetensors"``; default from ``dst``'s extension (else pt).
-        key: for safetensors, the entry holding the state dict (found automatically otherwise).
+        key: the entry holding the state dict or pickled module, for ``extract_state_dict``
+            and safetensors (found automatically otherwise).
         overwrite: replace an existing ``dst`` (``--force``).
         drop_extra: for safetensors, drop top-level entries that cannot be metadata instead
             of refusing.
+        extract_state_dict: write only the model's state dict (found as ``load_state_dict``
+            finds it, also inside a pickled module); implied by safetensors output.
+
+    The source is read in opaque mode: objects of classes beyond torch's allowlist are
+    written back to pt output exactly as they were read (same global, arguments and state),
+    never imported or run.
         progress: called as ``progress(bytes_done, bytes_total)``.
     """
     started = time.perf_counter()
@@ -92,20 +101,21 @@ def convert(
     backend = current_backend()
     key_map = make_key_map(strip_prefix, rename)
     report = RenameReport()
-    with index_checkpoint(source, backend) as index:
+    with index_checkpoint(source, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index:
         try:
-            if chosen == FORMAT_PT:
+            metadata: dict[str, str] = {}
+            dropped: list[str] = []
+            if chosen == FORMAT_PT and not extract_state_dict:
                 root = rename_tree(index.root, key_map, report)
                 tensors = _check_all_views(root)
                 payload: Any = root
-                metadata: dict[str, str] = {}
-                dropped: list[str] = []
             else:
-                original = find_state_dict(index.root, key)
-                metadata, dropped = _metadata_entries(index.root, original, drop_extra)
+                found_under, original = locate_state_dict(index.root, key)
+                if chosen == FORMAT_SAFETENSORS:
+                    metadata, dropped = _metadata_entries(index.root, found_under, drop_extra)
                 state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
                 payload = state_dict
-                tensors = len(state_dict)
+                tensors = _check_all_views(state_dict) if chosen == FORMAT_PT else len(state_dict)
         except CheckpointError as exc:
             raise exc.located(path=index.display)
         total = sum(record.nbytes for record in index.storages.values())
@@ -149,14 +159,14 @@ def _check_all_views(root: Any) -> int:
     return count
 
 
-def _metadata_entries(root: Any, state_dict: Any, drop_extra: bool) -> tuple[dict[str, str], list[str]]:
+def _metadata_entries(root: Any, found_under: Any, drop_extra: bool) -> tuple[dict[str, str], list[str]]:
     """Top-level entries beside the state dict, as safetensors metadata (strings and numbers)."""
-    if root is state_dict or not isinstance(root, dict):
+    if found_under is ROOT or not isinstance(root, dict):
         return {}, []
     metadata: dict[str, str] = {}
     lost: list[str] = []
     for name, value in root.items():
-        if value is state_dict:
+        if name == found_under:
             continue
         if isinstance(name, str) and type(value) in (str, int, float, bool):
             metadata[name] = str(value)

@@ -12,25 +12,52 @@ from typing import Any
 from ._backend import current_backend
 from .errors import CheckpointError
 from .index import index_checkpoint
+from .index.opaque import Opaque
+from .index.policy import BLOCKED_MODULES, UNKNOWN_OPAQUE, GlobalsPolicy, policy_for
 from .index.records import METHOD_STORED, TensorRecord, describe_value
+from .index.source import FileArg
+from .pickled_module import detach_record, is_pickled_module, module_state_dict
 from .plan import iter_records
 from .rename import INNER_WRAPPERS, LEADING_WRAPPERS, is_state_dict, strip_auto
 
 SCHEMA_VERSION = 1
 DEFAULT_ROWS = 40
+MAX_PLACES = 10  # paths listed per unknown global
 
 
 def inspect_checkpoint(path: str | os.PathLike[str], *, rows: int | None = DEFAULT_ROWS) -> dict[str, Any]:
+    """What the checkpoint holds, from its index; never refuses a well-formed file.
+
+    It is read in opaque mode with blocked modules listed too: a global that loading would
+    refuse is reported (``unknown_globals``), never imported.
+    """
     backend = current_backend()
-    with index_checkpoint(path, backend) as index:
+    with index_checkpoint(path, backend, policy=_inspection_policy()) as index:
         try:
             return _describe(index, rows, backend.name)
         except CheckpointError as exc:
             raise exc.located(path=index.display)
 
 
+def unknown_globals(f: FileArg) -> list[str]:
+    """``"module.name"`` of every global in the checkpoint beyond torch's weights_only allowlist.
+
+    Sorted; what ``torch.serialization.get_unsafe_globals_in_checkpoint`` returns (globals
+    registered with ``add_safe_globals`` excluded), found without running anything, for
+    legacy files too. These are what ``pyckpt.load`` refuses by default and keeps as
+    :class:`pyckpt.Opaque` records with ``unknown_globals="opaque"``.
+    """
+    with index_checkpoint(f, current_backend(), policy=_inspection_policy()) as index:
+        return sorted(index.unknown_globals)
+
+
+def _inspection_policy() -> GlobalsPolicy:
+    return policy_for(UNKNOWN_OPAQUE, list_blocked=True)
+
+
 def _describe(index: Any, rows: int | None, backend_name: str) -> dict[str, Any]:
-    tensors = [(path, record) for path, record in iter_records(index.root) if isinstance(record, TensorRecord)]
+    records = list(iter_records(index.root))
+    tensors = [(path, record) for path, record in records if isinstance(record, TensorRecord)]
     dtypes: dict[str, dict[str, int]] = {}
     for _, tensor in tensors:
         entry = dtypes.setdefault(str(tensor.dtype).removeprefix("torch."), {"tensors": 0, "bytes": 0})
@@ -64,18 +91,43 @@ def _describe(index: Any, rows: int | None, backend_name: str) -> dict[str, Any]
         "unaligned_storages": sum(1 for s in storages if s.method == METHOD_STORED and not s.mappable()),
         "dtypes": dict(sorted(dtypes.items(), key=lambda item: -item[1]["bytes"])),
         "state_dicts": _state_dicts(index.root),
+        "unknown_globals": _unknown_globals(index, records),
         "entries": _entries(index.root),
         "table": shown,
         "table_omitted": len(table) - len(shown),
     }
 
 
+def _unknown_globals(index: Any, records: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Each global beyond the allowlist, whether loading refuses it always, and where it sits."""
+    where: dict[str, list[str]] = {}
+    for path, record in records:
+        if isinstance(record, Opaque) and record.qualified_name in index.unknown_globals:
+            places = where.setdefault(record.qualified_name, [])
+            if len(places) < MAX_PLACES:
+                places.append(path)
+    return [
+        {
+            "name": name,
+            "blocked": name.split(".", 1)[0] in BLOCKED_MODULES,
+            "where": where.get(name, []),
+        }
+        for name in sorted(index.unknown_globals)
+    ]
+
+
+def _holds_state_dict(value: Any) -> bool:
+    return is_state_dict(value) or is_pickled_module(value)
+
+
 def _state_dicts(root: Any) -> list[dict[str, Any]]:
     found = []
-    candidates = [("", root)] if is_state_dict(root) else []
+    candidates = [("", root)] if _holds_state_dict(root) else []
     if isinstance(root, dict) and not candidates:
-        candidates = [(str(k), v) for k, v in root.items() if is_state_dict(v)]
-    for where, mapping in candidates:
+        candidates = [(str(k), v) for k, v in root.items() if _holds_state_dict(v)]
+    for where, holder in candidates:
+        module_class = holder.qualified_name if isinstance(holder, Opaque) else None
+        mapping = module_state_dict(holder, detach_record) if module_class else holder
         prefixes: Counter[str] = Counter()
         for key in mapping:
             for prefix in LEADING_WRAPPERS:
@@ -89,6 +141,7 @@ def _state_dicts(root: Any) -> list[dict[str, Any]]:
         found.append(
             {
                 "entry": where,
+                "module_class": module_class,
                 "keys": len(mapping),
                 "wrapper_prefixes": dict(prefixes),
                 "auto_strip": {
@@ -107,10 +160,10 @@ def _entries(root: Any) -> list[dict[str, Any]]:
         return []
     out = []
     for key, value in root.items():
-        if is_state_dict(value):
+        if _holds_state_dict(value):
             continue
         item: dict[str, Any] = {"key": key if isinstance(key, str) else repr(key), "type": describe_value(value)}
-        if type(value) in (int, float, bool, str) or value is None:
+        if type(value) in (int, float, bool, str) or value is None or isinstance(value, Opaque):
             text = repr(value)
             item["value"] = text if len(text) <= 80 else text[:77] + "..."
         out.append(item)

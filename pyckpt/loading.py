@@ -13,6 +13,7 @@ from ._device import MapLocation, check_map_location
 from .errors import CheckpointError
 from .execute import execute_plan
 from .index import index_checkpoint
+from .index.policy import UNKNOWN_ERROR, policy_for
 from .index.source import FileArg
 from .plan import plan_storages
 from .rename import AUTO, RenameRules, make_key_map, rename_tree
@@ -32,6 +33,7 @@ def load(
     mmap: bool | None = None,
     strip_prefix: str | None = None,
     rename: RenameRules | None = None,
+    unknown_globals: str = UNKNOWN_ERROR,
 ) -> Any:
     """Load a checkpoint like ``torch.load(f, weights_only=True)``, without running pickle.
 
@@ -43,7 +45,11 @@ def load(
             stored raw and aligned (others are read), False gives tensors their own memory.
         strip_prefix: None, a prefix such as ``"module."``, or ``"auto"`` for wrapper prefixes.
         rename: ``(regex, replacement)`` pairs applied with ``re.sub`` after ``strip_prefix``.
+        unknown_globals: ``"error"`` (default: refuse what torch's weights_only refuses) or
+            ``"opaque"``: keep every other global as an inert :class:`pyckpt.Opaque` record
+            (nothing is imported or run; tensors inside are real).
     """
+    policy = policy_for(unknown_globals)
     check_map_location(map_location)
     key_map = make_key_map(_check_strip_prefix(strip_prefix), _check_rules(rename))
     is_path = isinstance(f, (str, os.PathLike))
@@ -54,16 +60,28 @@ def load(
         obj = torch.load(f, map_location=map_location, weights_only=False, mmap=mmap)
         return rename_tree(obj, key_map)
     backend = current_backend()
-    with index_checkpoint(f, backend) as index:
+    with index_checkpoint(f, backend, policy=policy) as index:
         try:
             root = rename_tree(index.root, key_map)
             plans = plan_storages(root, map_location, mmap=mmap, can_map=index.source.path is not None)
-            storages = execute_plan(index, plans, map_location, backend)
+            storages = execute_plan(index, plans, map_location, backend, shared_mapping=mmap is True and _mmap_shared())
             return build_objects(root, storages)
         except CheckpointError as exc:
             raise exc.located(path=index.display)
         except RecursionError:
             raise CheckpointError("object tree nests too deeply", path=index.display) from None
+
+
+def _mmap_shared() -> bool:
+    """Whether the user told torch to map checkpoints MAP_SHARED (``set_default_mmap_options``).
+
+    Honoured for ``mmap=True`` only, as torch does; pyckpt's own default mapping (``mmap=None``)
+    stays private, so writing to a loaded tensor never changes the file unless asked for.
+    """
+    import mmap as mmap_module
+
+    get = getattr(torch.serialization, "get_default_mmap_options", None)
+    return get is not None and get() == getattr(mmap_module, "MAP_SHARED", None)
 
 
 def _check_strip_prefix(strip_prefix: Any) -> str | None:

@@ -25,6 +25,7 @@ from .execute.cpu import CopyJob, run_copy_jobs
 from .execute.device import copy_pieces, ring_capable, ring_config, ring_module
 from .index import index_checkpoint
 from .index.checkpoint import CheckpointIndex
+from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index.records import ParameterRecord, TensorRecord
 from .index.source import FileArg
 from .plan import check_view, plan_storages
@@ -57,7 +58,9 @@ def load_state_dict(
 
     Wrapper prefixes are resolved in both directions (a DataParallel/DDP, ``torch.compile``
     or FSDP checkpoint into a plain model and the reverse), the state dict is found inside
-    training checkpoints, and tensors are written straight into the model's memory.
+    training checkpoints or pickled modules (``torch.save(model)``), and tensors are written
+    straight into the model's memory. The file is read in opaque mode: objects of classes
+    beyond torch's allowlist around the state dict are never imported or run.
 
     Args:
         model: the module to fill.
@@ -65,7 +68,7 @@ def load_state_dict(
         strict: as in ``nn.Module.load_state_dict``.
         map_location: where checkpoint tensors that cannot be written directly are staged
             (default: host memory).
-        key: the entry of a training checkpoint that holds the state dict.
+        key: the entry of a training checkpoint that holds the state dict (or the module).
         assign: as in ``nn.Module.load_state_dict``: the checkpoint's tensors replace the
             parameters (they keep the parameters' ``requires_grad``).
 
@@ -76,7 +79,8 @@ def load_state_dict(
         raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
     check_map_location(map_location)
     backend = current_backend()
-    with index_checkpoint(f, backend) as index:
+    # Only the state dict is returned, so objects around it cannot matter: read them opaque.
+    with index_checkpoint(f, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index:
         try:
             state_dict = find_state_dict(index.root, key)
             targets = model.state_dict(keep_vars=True)

@@ -28,6 +28,7 @@ HOW_MAP = "map"  # zero-copy view of the file mapping (CPU)
 HOW_READ = "read"  # read (or inflate) into fresh memory on the target device
 HOW_META = "meta"  # no bytes at all
 HOW_RESTORE = "restore"  # read on CPU, then torch's restore logic (other devices, callables)
+HOW_VIEW = "view"  # a slice of another planned storage (PyTorch 0.3-era storage views)
 
 
 @dataclass(eq=False, slots=True)
@@ -39,7 +40,11 @@ class StoragePlan:
 
 
 def iter_records(root: Any) -> Iterator[tuple[str, Any]]:
-    """Every tensor-ish record in the tree with a readable key path, depth-checked."""
+    """Every record (tensor-ish or Opaque) in the tree with a readable key path, depth-checked.
+
+    Inside an opaque object the path goes on from the object's own: a tensor in the state of
+    ``args: argparse.Namespace(w=...)`` is at ``args/w``.
+    """
     seen: set[int] = set()
     stack: list[tuple[Any, str, int]] = [(root, "", 0)]
     while stack:
@@ -62,6 +67,13 @@ def iter_records(root: Any) -> Iterator[tuple[str, Any]]:
             yield path, value
             stack.extend((arg, path, depth + 1) for arg in reversed(value.args))
             stack.extend((state, path, depth + 1) for state in value.build_states)
+        elif isinstance(value, Opaque):
+            seen.add(id(value))
+            yield path, value
+            if value.called:
+                for part in (value.dict_items, value.items, value.state, value.kwargs, value.args):
+                    if part:
+                        stack.append((part, path, depth + 1))
         elif isinstance(value, dict):
             seen.add(id(value))
             items = list(value.items())
@@ -124,7 +136,14 @@ def plan_storages(
             storage = record.storage
         else:
             continue
-        if storage.key not in plans:
+        if storage.key in plans:
+            continue
+        base = storage.view_of
+        if base is not None:
+            if base.key not in plans:
+                plans[base.key] = _plan_one(base, map_location, mmap=mmap, can_map=can_map)
+            plans[storage.key] = StoragePlan(storage, HOW_VIEW, plans[base.key].device, plans[base.key].location)
+        else:
             plans[storage.key] = _plan_one(storage, map_location, mmap=mmap, can_map=can_map)
     return plans
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .errors import CheckpointError, KeyCollisionError
+from .index.opaque import Opaque
 from .index.records import is_tensor_like
 
 LEADING_WRAPPERS = ("module.", "_orig_mod.")
@@ -91,6 +92,9 @@ def rename_tree(root: Any, key_map: KeyMap | None, report: RenameReport | None =
 def _rename(value: Any, key_map: KeyMap, report: RenameReport, done: dict[int, Any]) -> Any:
     if id(value) in done:
         return done[id(value)]
+    # Objects may refer back to themselves (through opaque objects: a config node's parent):
+    # a reference met again while its object is being renamed keeps pointing at the original.
+    done[id(value)] = value
     result: Any
     if is_state_dict(value):
         result = rename_state_dict(value, key_map, report)
@@ -102,6 +106,8 @@ def _rename(value: Any, key_map: KeyMap, report: RenameReport, done: dict[int, A
                 if result is value:
                     result = _copy_mapping(value)
                 result[key] = new_item
+    elif isinstance(value, Opaque):
+        result = _rename_opaque(value, key_map, report, done)
     elif isinstance(value, (list, tuple)):
         # A plain loop, not a comprehension: one Python frame per nesting level.
         items = []
@@ -115,6 +121,19 @@ def _rename(value: Any, key_map: KeyMap, report: RenameReport, done: dict[int, A
         result = value
     done[id(value)] = result
     return result
+
+
+def _rename_opaque(value: Opaque, key_map: KeyMap, report: RenameReport, done: dict[int, Any]) -> Opaque:
+    """State dicts inside an opaque object's arguments or state; a copy only where one changed."""
+    if not value.called:
+        return value
+    fields = (value.args, value.kwargs, value.state, value.items, value.dict_items)
+    renamed = [_rename(field, key_map, report, done) for field in fields]
+    if all(new is old for new, old in zip(renamed, fields)):
+        return value
+    args, kwargs, state, items, dict_items = renamed
+    return Opaque(value.module, value.name, args, kwargs, new_object=value.new_object, state=state,
+                  items=items, dict_items=dict_items)
 
 
 def _copy_mapping(value: dict[Any, Any]) -> dict[Any, Any]:
@@ -205,30 +224,56 @@ def rename_metadata(metadata: Any, module_map: KeyMap) -> Any:
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
 
 
+ROOT = object()  # where locate_state_dict found the state dict when it is the whole checkpoint
+
+
 def find_state_dict(root: Any, key: str | None) -> dict[str, Any]:
-    """The model's state dict inside a checkpoint: ``root[key]``, the root, or a known entry."""
+    """The model's state dict inside a checkpoint: ``root[key]``, the root, or a known entry.
+
+    A pickled ``nn.Module`` (``torch.save(model)``, read in opaque mode) counts as its state
+    dict, at the root or under any key.
+    """
+    return locate_state_dict(root, key)[1]
+
+
+def locate_state_dict(root: Any, key: str | None) -> tuple[Any, dict[str, Any]]:
+    """:func:`find_state_dict`, with the top-level key it was found under (or ``ROOT``)."""
+    from .pickled_module import detach_record, is_pickled_module, module_state_dict
+
+    def as_state_dict(value: Any) -> dict[str, Any] | None:
+        if is_state_dict(value):
+            return value  # type: ignore[no-any-return]
+        if is_pickled_module(value):
+            return module_state_dict(value, detach_record)
+        return None
+
     if key is not None:
         if not isinstance(root, Mapping) or key not in root:
             available = ", ".join(repr(k) for k in root) if isinstance(root, Mapping) else "none"
             raise CheckpointError(f"no entry {key!r} in the checkpoint (top-level entries: {available})")
-        if not is_state_dict(root[key]):
-            raise CheckpointError(f"entry {key!r} is not a mapping of names to tensors")
-        return root[key]
-    if is_state_dict(root):
-        return root
+        found_at_key = as_state_dict(root[key])
+        if found_at_key is None:
+            raise CheckpointError(f"entry {key!r} is neither a mapping of names to tensors nor a pickled module")
+        return key, found_at_key
+    at_root = as_state_dict(root)
+    if at_root is not None:
+        return ROOT, at_root
     if isinstance(root, Mapping):
         for candidate in STATE_DICT_KEYS:
-            if candidate in root and is_state_dict(root[candidate]):
-                return root[candidate]
-        found = [k for k, v in root.items() if is_state_dict(v)]
-        if len(found) == 1:
-            return root[found[0]]
-        if found:
+            if candidate in root:
+                found = as_state_dict(root[candidate])
+                if found is not None:
+                    return candidate, found
+        holders = [k for k, v in root.items() if is_state_dict(v) or is_pickled_module(v)]
+        if len(holders) == 1:
+            return holders[0], as_state_dict(root[holders[0]])  # type: ignore[return-value]
+        if holders:
             raise CheckpointError(
-                f"several entries hold state dicts ({', '.join(map(repr, found))}); choose one with key="
+                f"several entries hold state dicts ({', '.join(map(repr, holders))}); choose one with key="
             )
         raise CheckpointError(
             "no state dict found in the checkpoint (top-level entries: "
             f"{', '.join(repr(k) for k in root)}); name it with key="
         )
-    raise CheckpointError(f"the checkpoint holds a {type(root).__name__}, not a state dict")
+    what = root.qualified_name if isinstance(root, Opaque) else type(root).__name__
+    raise CheckpointError(f"the checkpoint holds a {what}, not a state dict or a pickled module")

@@ -19,8 +19,8 @@ from pyckpt.index import index_checkpoint as real_index_checkpoint
 def truncated_after_indexing(monkeypatch):
     """Make every pipeline truncate its input to half right after indexing it."""
 
-    def indexing_then_truncating(f, backend=None):
-        index = real_index_checkpoint(f, backend)
+    def indexing_then_truncating(f, backend=None, **options):
+        index = real_index_checkpoint(f, backend, **options)
         os.truncate(index.source.path, index.source.size // 2)
         return index
 

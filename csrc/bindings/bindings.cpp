@@ -186,5 +186,5 @@ PYBIND11_MODULE(_core, m) {
   });
   // The whole file mapped copy-on-write, as a buffer: torch.frombuffer makes it a tensor
   // whose storage keeps the mapping alive.
-  m.def("map_file", &pyckpt::MappedFile::open, py::arg("path"));
+  m.def("map_file", &pyckpt::MappedFile::open, py::arg("path"), py::arg("shared") = false);
 }

@@ -140,7 +140,7 @@ void check_tree(const pk::Tree& tree, size_t size, size_t start) {
       case pk::Kind::kCall: {
         const bool shape = items.size() == 2 || items.size() == 3;
         const pk::Kind func = shape ? tree.nodes[items[0]].kind : pk::Kind::kNone;
-        if (!shape || (func != pk::Kind::kGlobal && func != pk::Kind::kCall)) {
+        if (!shape || (func != pk::Kind::kGlobal && func != pk::Kind::kCall && func != pk::Kind::kPersistent)) {
           finding("call node is not [callable, args(, kwargs)]");
         }
         break;

@@ -60,13 +60,19 @@ bool valid_utf8(const uint8_t* s, size_t n, bool allow_surrogates) {
 
 [[noreturn]] void truncated() { throw CheckpointError(ErrorKind::kTruncated, kTruncated); }
 
-[[noreturn]] void refused_opcode(uint8_t op, uint64_t at, bool opaque_reads_it) {
+// `opaque_reads_it`: the default mode refuses an opcode opaque mode would read;
+// `in_opaque_mode`: even opaque mode refuses it.
+[[noreturn]] void refused_opcode(uint8_t op, uint64_t at, bool opaque_reads_it, bool in_opaque_mode) {
   char hex[8];
   std::snprintf(hex, sizeof(hex), "0x%02x", op);
-  std::string message = std::string("refused opcode ") + hex + " at offset " + std::to_string(at) +
-                        ": not one of the protocol-2 opcodes that torch's weights_only "
-                        "unpickler accepts";
-  if (opaque_reads_it) message += " (unknown_globals='opaque' reads protocols 2 to 5)";
+  std::string message = std::string("refused opcode ") + hex + " at offset " + std::to_string(at);
+  if (in_opaque_mode) {
+    message += ": not one of the opcodes of pickle protocols 2 to 5 that opaque mode reads (text "
+               "opcodes of protocols 0 and 1, out-of-band buffers)";
+  } else {
+    message += ": not one of the protocol-2 opcodes that torch's weights_only unpickler accepts";
+    if (opaque_reads_it) message += " (unknown_globals='opaque' reads protocols 2 to 5)";
+  }
   throw CheckpointError(ErrorKind::kUnsafe, message);
 }
 
@@ -122,8 +128,8 @@ class Machine {
     if (++values_ > rules_.max_values) {
       fail("pickle pushes more than " + std::to_string(rules_.max_values) + " values (at offset " +
            std::to_string(at) +
-           "): far more than real checkpoints need, so it is refused before it exhausts memory "
-           "(PYCKPT_MAX_OBJECTS raises the limit)");
+           "): far more than real checkpoints of its size need, so it is refused before it "
+           "exhausts memory (PYCKPT_MAX_OBJECTS sets the limit)");
     }
   }
   void push(NodeId id, uint64_t at) {
@@ -285,9 +291,11 @@ NodeId Machine::call(uint64_t at, bool new_object, bool with_kwargs) {
   const NodeId args = pop(at);
   const NodeId func = pop(at);
   const Node& f = node(func);
-  // In opaque mode a call's result may be called again (getattr(Outer, "Inner") names a
-  // nested class); the interpreter accepts only that shape.
-  if (f.kind != Kind::kGlobal && !(rules_.opaque && f.kind == Kind::kCall)) {
+  // In opaque mode a class may also come from a call (getattr(Outer, "Inner") names a nested
+  // class) or a persistent id (the legacy format's pickled modules); the interpreter checks
+  // that it is a class.
+  const bool indirect = f.kind == Kind::kCall || f.kind == Kind::kPersistent;
+  if (f.kind != Kind::kGlobal && !(rules_.opaque && indirect)) {
     const char* op = with_kwargs ? "NEWOBJ_EX" : new_object ? "NEWOBJ" : "REDUCE";
     throw CheckpointError(ErrorKind::kUnsafe, std::string("refused ") + op + " at offset " +
                                                   std::to_string(at) +
@@ -310,7 +318,8 @@ bool Machine::accepts_mutation(NodeId target) const {
   const Node& t = tree_.nodes[target];
   if (t.kind != Kind::kCall) return false;
   const Node& func = tree_.nodes[tree_.items(t)[0]];
-  return (func.kind == Kind::kGlobal && func.opaque) || func.kind == Kind::kCall;
+  return (func.kind == Kind::kGlobal && func.opaque) || func.kind == Kind::kCall ||
+         func.kind == Kind::kPersistent;
 }
 
 void Machine::set_items(NodeId target, const std::vector<NodeId>& items, uint64_t at) {
@@ -578,8 +587,8 @@ Tree Machine::run() {
         tree_.end = pos_;
         return std::move(tree_);
       default:
-        if (!opaque_only(op)) refused_opcode(op, at, false);
-        if (!rules_.opaque) refused_opcode(op, at, true);
+        if (!opaque_only(op)) refused_opcode(op, at, false, rules_.opaque);
+        if (!rules_.opaque) refused_opcode(op, at, true, false);
         extended(op, at);
         break;
     }

@@ -11,8 +11,8 @@
 
 namespace pyckpt {
 
-std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, bool shared) {
+  const int fd = ::open(path.c_str(), (shared ? O_RDWR : O_RDONLY) | O_CLOEXEC);
   if (fd < 0) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
   struct stat info {};
   if (::fstat(fd, &info) != 0) {
@@ -23,7 +23,7 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
   const uint64_t size = static_cast<uint64_t>(info.st_size);
   void* data = nullptr;
   if (size > 0) {
-    data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, shared ? MAP_SHARED : MAP_PRIVATE, fd, 0);
     if (data == MAP_FAILED) {
       const int saved = errno;
       ::close(fd);

@@ -1,5 +1,7 @@
 // A whole file mapped copy-on-write (MAP_PRIVATE): tensors over it are writable without
-// ever modifying the file, like torch.load(mmap=True).
+// ever modifying the file, like torch.load(mmap=True). `shared` maps it MAP_SHARED instead,
+// so writes reach the file: only when the user asked torch for that
+// (torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)).
 #pragma once
 
 #include <cstdint>
@@ -10,7 +12,7 @@ namespace pyckpt {
 
 class MappedFile {
  public:
-  static std::shared_ptr<MappedFile> open(const std::string& path);
+  static std::shared_ptr<MappedFile> open(const std::string& path, bool shared = false);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;

@@ -13,9 +13,12 @@ examples:
   pyckpt convert ddp.pt plain.pt --strip-prefix module.   # only this prefix
   pyckpt convert ckpt.pt out.pt --rename '^encoder\\.=backbone.'
   pyckpt convert train.pt model.safetensors --key model   # the state dict under 'model'
+  pyckpt convert model_pickle.pt sd.pt --extract-state-dict  # torch.save(model) -> state dict
   pyckpt convert ckpt.pt ckpt.pt --force                  # in place: replaced only when complete
 
 Storage bytes are copied as they are (no decode/re-encode), only data.pkl is rewritten.
+Objects of classes beyond torch's weights_only allowlist (argparse.Namespace, configs,
+pickled modules) are never imported or run: pt output writes them back exactly as read.
 The output appears at DST only when complete; an existing DST needs --force.
 """
 
@@ -43,7 +46,14 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--format", choices=["pt", "safetensors"], help="output format (default: from DST's extension, else pt)"
     )
-    parser.add_argument("--key", metavar="NAME", help="safetensors: the entry holding the state dict (default: found)")
+    parser.add_argument(
+        "--key", metavar="NAME", help="the entry holding the state dict or pickled module (default: found)"
+    )
+    parser.add_argument(
+        "--extract-state-dict",
+        action="store_true",
+        help="write only the model's state dict, also from a pickled module (implied by safetensors)",
+    )
     parser.add_argument(
         "--drop-extra",
         action="store_true",
@@ -91,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             key=args.key,
             overwrite=args.force,
             drop_extra=args.drop_extra,
+            extract_state_dict=args.extract_state_dict,
             progress=bar.update,
         )
     finally:

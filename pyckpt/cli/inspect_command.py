@@ -9,7 +9,10 @@ from typing import Any
 
 from .._units import human_bytes
 
-HELP = "show format, tensors, dtypes, wrapper prefixes and entries of a checkpoint (reads no tensor)"
+HELP = (
+    "show format, tensors, dtypes, wrapper prefixes, entries and unknown globals of a checkpoint "
+    "(reads no tensor, runs nothing)"
+)
 EPILOG = """\
 examples:
   pyckpt inspect ddp.pt            # summary and the first 40 tensors
@@ -57,6 +60,8 @@ def render(info: dict[str, Any]) -> str:
     ))
     for sd in info["state_dicts"]:
         where = f"'{sd['entry']}'" if sd["entry"] else "the root"
+        if sd.get("module_class"):
+            where += f" (a pickled {sd['module_class']})"
         prefixes = ", ".join(f"{p} x{n}" for p, n in sd["wrapper_prefixes"].items()) or "none"
         lines.append(f"  state dict  {where}: {sd['keys']} keys; wrapper prefixes: {prefixes}")
         auto = sd["auto_strip"]
@@ -65,6 +70,15 @@ def render(info: dict[str, Any]) -> str:
             lines.append(f"              --strip-prefix auto renames {auto['renamed']} keys, e.g. {example[0]} -> {example[1]}")
         if auto["collisions"]:
             lines.append(f"              auto stripping would collide on: {', '.join(auto['collisions'][:5])}")
+    for unknown in info["unknown_globals"]:
+        places = ", ".join(p or "(root)" for p in unknown["where"]) or "not in the loaded object"
+        status = "refused always (blocked module)" if unknown["blocked"] else "opaque"
+        lines.append(f"  global      {unknown['name']} [{status}] at {places}")
+    if info["unknown_globals"] and not all(u["blocked"] for u in info["unknown_globals"]):
+        lines.append(
+            "              beyond torch's weights_only allowlist: pyckpt.load(..., unknown_globals='opaque') "
+            "keeps them as inert records; load_state_dict and convert read them that way"
+        )
     if info["entries"]:
         lines.append("  entries     " + ", ".join(
             f"{e['key']}={e['value']}" if "value" in e else f"{e['key']} ({e['type']})" for e in info["entries"]

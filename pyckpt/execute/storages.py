@@ -9,7 +9,7 @@ import torch
 from .._device import MapLocation
 from ..errors import CheckpointError
 from ..index.checkpoint import CheckpointIndex
-from ..plan import HOW_MAP, HOW_META, HOW_READ, HOW_RESTORE, StoragePlan
+from ..plan import HOW_MAP, HOW_META, HOW_READ, HOW_RESTORE, HOW_VIEW, StoragePlan
 from .cpu import read_storages
 
 if TYPE_CHECKING:
@@ -21,11 +21,14 @@ def execute_plan(
     plans: dict[str, StoragePlan],
     map_location: MapLocation,
     backend: Backend,
+    *,
+    shared_mapping: bool = False,
 ) -> dict[str, torch.UntypedStorage]:
+    """Storages by key; ``shared_mapping`` maps the file MAP_SHARED (writes reach it)."""
     result: dict[str, torch.UntypedStorage] = {}
     mapped = [p for p in plans.values() if p.how == HOW_MAP]
     if mapped:
-        mapping = backend.map_file(index.source)
+        mapping = backend.map_file(index.source, shared=shared_mapping)
         for plan in mapped:
             record = plan.record
             result[record.key] = mapping[record.data_offset : record.data_offset + record.nbytes]
@@ -44,6 +47,11 @@ def execute_plan(
             result[record.key] = torch.UntypedStorage(record.nbytes, device="meta")
         elif plan.how == HOW_RESTORE:
             result[record.key] = _restore(result[record.key], plan, map_location)
+    for plan in plans.values():
+        if plan.how == HOW_VIEW:  # after the bases, restored or not: views share their memory
+            record = plan.record
+            base = result[record.view_of.key]  # type: ignore[union-attr]
+            result[record.key] = base[record.view_start : record.view_start + record.nbytes]
     return result
 
 

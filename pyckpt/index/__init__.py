@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 from ..errors import CheckpointError
 from .checkpoint import FORMAT_LEGACY, FORMAT_TORCHSCRIPT, FORMAT_ZIP, CheckpointIndex
 from .legacy_format import index_legacy, looks_legacy
-from .source import FileArg, Source, open_source
+from .policy import GlobalsPolicy
+from .source import BufferSource, FileArg, Source, open_source
 from .zip_format import index_zip
 
 if TYPE_CHECKING:
@@ -25,30 +26,41 @@ __all__ = [
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
-def index_checkpoint(f: FileArg, backend: Backend | None = None) -> CheckpointIndex:
-    """Open ``f`` and index it; the index owns the open source (close it, or use ``with``)."""
+def index_checkpoint(
+    f: FileArg, backend: Backend | None = None, *, policy: GlobalsPolicy | None = None
+) -> CheckpointIndex:
+    """Open ``f`` and index it; the index owns the open source (close it, or use ``with``).
+
+    ``policy`` says what becomes of globals beyond torch's allowlist (refused by default).
+    A file-like ``f`` is left positioned just past the checkpoint, as torch leaves it.
+    """
     source = open_source(f)
     try:
-        return index_source(source, backend)
+        index = index_source(source, backend, policy=policy)
     except BaseException:
         source.close()
         raise
+    if isinstance(source, BufferSource):
+        source.leave_stream_at(index.end if index.end is not None else source.size)
+    return index
 
 
-def index_source(source: Source, backend: Backend | None = None) -> CheckpointIndex:
+def index_source(
+    source: Source, backend: Backend | None = None, *, policy: GlobalsPolicy | None = None
+) -> CheckpointIndex:
     if backend is None:
         from .._backend import current_backend
 
         backend = current_backend()
     try:
-        return _dispatch(source, backend)
+        return _dispatch(source, backend, policy if policy is not None else GlobalsPolicy())
     except CheckpointError as exc:
         raise exc.located(path=source.display)
     except RecursionError:
         raise CheckpointError("object tree nests too deeply", path=source.display) from None
 
 
-def _dispatch(source: Source, backend: Backend) -> CheckpointIndex:
+def _dispatch(source: Source, backend: Backend, policy: GlobalsPolicy) -> CheckpointIndex:
     if source.size == 0:
         raise CheckpointError("file is empty")
     head = source.read(0, min(source.size, len(LFS_POINTER)))
@@ -57,9 +69,9 @@ def _dispatch(source: Source, backend: Backend) -> CheckpointIndex:
             "this is a Git LFS pointer file, not the checkpoint itself (run `git lfs pull`)"
         )
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return index_zip(source, backend)
+        return index_zip(source, backend, policy)
     if looks_legacy(head):
-        return index_legacy(source, backend)
+        return index_legacy(source, backend, policy)
     if _looks_safetensors(source, head):
         raise CheckpointError(
             "this is a safetensors file, not a torch checkpoint (read it with safetensors.torch.load_file)"

@@ -28,6 +28,11 @@ class CheckpointIndex:
     byteorder: str = "little"
     top_folder: str | None = None
     entries: dict[str, ZipEntry] = field(default_factory=dict)
+    # Globals kept opaque (beyond the allowlist and not trusted), with how often each is named.
+    unknown_globals: dict[str, int] = field(default_factory=dict)
+    # Where the checkpoint ends within the source (a stream holding several checkpoints is
+    # left positioned there, as torch leaves it).
+    end: int | None = None
 
     @property
     def display(self) -> str:

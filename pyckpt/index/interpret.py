@@ -293,10 +293,16 @@ class Interpreter:
             raise UnsafeCheckpointError(REFUSED_BUILD)
 
     # -- BINPERSID ----------------------------------------------------------------------
-    def persistent(self, pid: Any) -> StorageRef:
+    def persistent(self, pid: Any) -> Any:
         if type(pid) is not tuple or not pid:
             raise CheckpointError("persistent id is not a non-empty tuple")
         tag = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
+        if tag == "module" and self.policy.opaque and len(pid) == 4 and isinstance(pid[1], Opaque):
+            # The legacy format's torch.save(model) names each module class once this way,
+            # with its source code (which torch only compares, and pyckpt ignores).
+            if pid[1].called:
+                raise CheckpointError("module persistent id names an object, not a class")
+            return pid[1]
         if tag != "storage":
             raise UnsafeCheckpointError(f"refused persistent id of type {tag!r}: only storages may be loaded")
         if len(pid) not in (5, 6):
@@ -306,19 +312,38 @@ class Interpreter:
         dtype = STORAGE_TYPES.get(storage_type.name) if isinstance(storage_type, Symbol) else None
         if dtype is None:
             raise CheckpointError("storage persistent id names no storage type")
-        if isinstance(key, int) and type(key) is not bool:
-            key = str(key)
+        key = _storage_key(key)
         if isinstance(location, bytes):
             location = location.decode("ascii", "replace")
         if type(key) is not str or type(location) is not str:
             raise CheckpointError("storage key and location must be strings")
         _check_storage_key(key)
+        if view is not None:
+            view = _storage_view(view)
         try:
             numel = _index(numel, f"storage '{key}' element count")
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
         record = self.persistent_load_fn(key, dtype, location, numel, view)
         return StorageRef(record, dtype)
+
+
+def _storage_key(key: Any) -> Any:
+    return str(key) if isinstance(key, int) and type(key) is not bool else key
+
+
+def _storage_view(view: Any) -> tuple[str, int, int]:
+    """A PyTorch 0.3-era storage view: ``(view_key, offset, size)`` in elements of the root."""
+    if type(view) is not tuple or len(view) != 3:
+        raise CheckpointError("storage view is not a (key, offset, size) tuple")
+    key = _storage_key(view[0])
+    if type(key) is not str:
+        raise CheckpointError("storage view key must be a string")
+    _check_storage_key(key)
+    try:
+        return key, _index(view[1], "storage view offset"), _index(view[2], "storage view size")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _check_storage_key(key: str) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
 from .checkpoint import FORMAT_LEGACY, CheckpointIndex
 from .interpret import Interpreter
+from .policy import GlobalsPolicy
 from .records import StorageRecord
 from .source import Source
 from .symbols import DType
@@ -30,19 +31,19 @@ def looks_legacy(head: bytes) -> bool:
     return head[:3] == b"\x80\x02\x8a"
 
 
-def index_legacy(source: Source, backend: Backend) -> CheckpointIndex:
+def index_legacy(source: Source, backend: Backend, policy: GlobalsPolicy | None = None) -> CheckpointIndex:
     window = min(source.size, FIRST_READ)
     while True:
         head = source.read(0, window)
         try:
-            return _index(source, backend, head)
+            return _index(source, backend, head, policy)
         except TruncatedCheckpointError:
             if window == source.size:
                 raise
             window = min(source.size, window * 4)
 
 
-def _index(source: Source, backend: Backend, head: bytes) -> CheckpointIndex:
+def _index(source: Source, backend: Backend, head: bytes, policy: GlobalsPolicy | None) -> CheckpointIndex:
     def no_storages(*_: Any) -> StorageRecord:
         raise UnsafeCheckpointError("persistent id in a legacy header pickle")
 
@@ -56,8 +57,11 @@ def _index(source: Source, backend: Backend, head: bytes) -> CheckpointIndex:
     _sys_info, pos = backend.unpickle(head, plain, start=pos)
 
     storages: dict[str, StorageRecord] = {}
+    views: dict[str, StorageRecord] = {}
 
     def persistent_load(key: str, dtype: DType, location: str, numel: int, view: Any) -> StorageRecord:
+        if key in views:
+            raise CheckpointError(f"storage '{key}' is named both as a storage and as a view")
         known = storages.get(key)
         if known is None:
             known = storages[key] = StorageRecord(
@@ -69,11 +73,38 @@ def _index(source: Source, backend: Backend, head: bytes) -> CheckpointIndex:
                 data_offset=-1,
                 stored_size=numel * dtype.itemsize,
             )
-        if view is not None:
-            raise CheckpointError(f"storage '{key}' is a pre-0.4 storage view, which pyckpt does not read")
-        return known
+        if view is None:
+            return known
+        return _view(known, view, dtype, location)
 
-    root, pos = backend.unpickle(head, Interpreter(persistent_load), start=pos)
+    def _view(base: StorageRecord, view: tuple[str, int, int], dtype: DType, location: str) -> StorageRecord:
+        """A PyTorch 0.3-era view: elements [offset, offset + size) of ``base``, shared."""
+        view_key, offset, size = view
+        found = views.get(view_key)
+        if found is not None:  # torch keeps the first view made under a key
+            return found
+        if view_key in storages:
+            raise CheckpointError(f"storage view '{view_key}' reuses the key of a storage")
+        if (offset + size) * dtype.itemsize > base.nbytes:
+            raise CheckpointError(
+                f"storage view '{view_key}' (elements {offset} to {offset + size}) passes the end of "
+                f"storage '{base.key}' ({base.nbytes} bytes)"
+            )
+        found = views[view_key] = StorageRecord(
+            key=view_key,
+            dtype=dtype,
+            nbytes=size * dtype.itemsize,
+            location=location,
+            record=None,
+            data_offset=-1,
+            stored_size=size * dtype.itemsize,
+            view_of=base,
+            view_start=offset * dtype.itemsize,
+        )
+        return found
+
+    interpreter = Interpreter(persistent_load, policy=policy)
+    root, pos = backend.unpickle(head, interpreter, start=pos)
     keys, pos = backend.unpickle(head, plain, start=pos)
     if type(keys) is not list or not all(type(k) is str for k in keys):
         raise CheckpointError("legacy storage key list is not a list of strings")
@@ -94,4 +125,13 @@ def _index(source: Source, backend: Backend, head: bytes) -> CheckpointIndex:
     missing = [key for key, record in storages.items() if record.data_offset < 0]
     if missing:
         raise CheckpointError(f"legacy file has no data for storage '{missing[0]}'")
-    return CheckpointIndex(source=source, format=FORMAT_LEGACY, root=root, storages=storages)
+    for view in views.values():
+        view.data_offset = view.view_of.data_offset + view.view_start  # type: ignore[union-attr]
+    return CheckpointIndex(
+        source=source,
+        format=FORMAT_LEGACY,
+        root=root,
+        storages={**storages, **views},
+        unknown_globals=interpreter.unknown_names,
+        end=pos,
+    )

@@ -101,20 +101,29 @@ class Opaque:
         return f"{self.qualified_name}({', '.join(parts)})"
 
 
-def same_value(a: Any, b: Any) -> bool:
-    """Equality that also holds for tensors inside (same type, dtype, shape and values)."""
+def same_value(a: Any, b: Any, _comparing: set[tuple[int, int]] | None = None) -> bool:
+    """Equality that also holds for tensors inside (same type, dtype, shape and values), and
+    for objects that refer back to themselves (a config node's parent, say)."""
     if a is b:
         return True
     kind = type(a)
     if kind is not type(b):
         return False
-    if kind in (tuple, list):
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
+    if kind in (tuple, list, Opaque) or isinstance(a, dict):
+        comparing = _comparing if _comparing is not None else set()
+        pair = (id(a), id(b))
+        if pair in comparing:
+            return True  # already being compared further up: equal unless something else differs
+        comparing.add(pair)
+        if kind is Opaque:
+            return same_value(a._fields(), b._fields(), comparing)
+        if kind in (tuple, list):
+            return len(a) == len(b) and all(same_value(x, y, comparing) for x, y in zip(a, b))
+        attributes = getattr(a, "__dict__", None), getattr(b, "__dict__", None)  # a state dict's _metadata
         return (
             list(a.keys()) == list(b.keys())
-            and all(same_value(a[k], b[k]) for k in a)
-            and same_value(getattr(a, "__dict__", {}), getattr(b, "__dict__", {}))
+            and all(same_value(a[k], b[k], comparing) for k in a)
+            and (attributes[0] == attributes[1] if not any(attributes) else same_value(*attributes, comparing))
         )
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(a, torch.Tensor):

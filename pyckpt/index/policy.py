@@ -7,9 +7,9 @@ The Python VM reads them here; the native VM is handed them on every call (see
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .._env import max_pickle_objects
+from .._env import explicit_max_objects, max_pickle_objects
 
 UNKNOWN_ERROR = "error"
 UNKNOWN_OPAQUE = "opaque"
@@ -50,6 +50,23 @@ class GlobalsPolicy:
     @property
     def opaque(self) -> bool:
         return self.unknown == UNKNOWN_OPAQUE or self.list_blocked
+
+
+# A DEFLATE'd pickle may push at most this many values per byte it occupies in the file.
+# torch never compresses data.pkl, and re-zipped real ones push 1.3 to 1.5 values per
+# compressed byte (state dicts and training checkpoints alike), while a bomb pushes thousands:
+# a 300 KB file that inflates to a list of 10**8 elements is stopped after about 5 million.
+MAX_VALUES_PER_COMPRESSED_BYTE = 16
+MIN_VALUES = 1 << 20
+
+
+def for_compressed_pickle(policy: GlobalsPolicy, compressed_size: int) -> GlobalsPolicy:
+    """The policy for a pickle stored with DEFLATE: its values bounded by its stored size too,
+    so the work an index does stays proportional to the bytes of the file."""
+    if explicit_max_objects():
+        return policy  # the user set PYCKPT_MAX_OBJECTS: that is the only limit
+    limit = max(MIN_VALUES, MAX_VALUES_PER_COMPRESSED_BYTE * compressed_size)
+    return replace(policy, max_objects=min(policy.max_objects, limit))
 
 
 def check_unknown_mode(mode: object) -> str:

@@ -294,6 +294,11 @@ def _run(data: bytes, interp: Interpreter, pos: int) -> tuple[Any, int]:
                 f"refused opcode 0x{op:02x} at offset {at}: not one of the protocol-2 opcodes that "
                 "torch's weights_only unpickler accepts (unknown_globals='opaque' reads protocols 2 to 5)"
             )
+        elif opaque_mode:
+            raise UnsafeCheckpointError(
+                f"refused opcode 0x{op:02x} at offset {at}: not one of the opcodes of pickle protocols "
+                "2 to 5 that opaque mode reads (text opcodes of protocols 0 and 1, out-of-band buffers)"
+            )
         else:
             raise UnsafeCheckpointError(
                 f"refused opcode 0x{op:02x} at offset {at}: not one of the protocol-2 opcodes "
@@ -312,7 +317,7 @@ _PUSHES = frozenset(
 def too_many_values(limit: int, at: int) -> CheckpointError:
     return CheckpointError(
         f"pickle pushes more than {limit} values (at offset {at}): far more than real checkpoints "
-        "need, so it is refused before it exhausts memory (PYCKPT_MAX_OBJECTS raises the limit)"
+        "of its size need, so it is refused before it exhausts memory (PYCKPT_MAX_OBJECTS sets the limit)"
     )
 
 

@@ -55,6 +55,10 @@ class StorageRecord:
     # The uncompressed size the zip directory declares (None for the legacy format): a
     # DEFLATE stream read up to it must end there, or the record lies about its size.
     record_size: int | None = None
+    # A PyTorch 0.3-era storage view (legacy format only): these bytes are
+    # ``view_of``'s, from ``view_start``, and the two storages share memory once loaded.
+    view_of: StorageRecord | None = None
+    view_start: int = 0
 
     @property
     def element_size(self) -> int:
@@ -168,6 +172,9 @@ def describe_value(value: Any) -> str:
         return "storage"
     if isinstance(value, CallRecord):
         return value.func_name.rsplit(".", 1)[-1]
+    qualified_name = getattr(value, "qualified_name", None)  # an Opaque object or class
+    if isinstance(qualified_name, str):
+        return qualified_name
     if isinstance(value, dict):
         return f"{type(value).__name__} of {len(value)}"
     if isinstance(value, (list, tuple, set)):

@@ -97,10 +97,19 @@ class FileSource(Source):
 
 
 class BufferSource(Source):
-    def __init__(self, data: bytes | bytearray | memoryview, display: str = "<buffer>") -> None:
+    def __init__(
+        self, data: bytes | bytearray | memoryview, display: str = "<buffer>", *, stream: Any = None, start: int = 0
+    ) -> None:
         self.view = memoryview(data).cast("B")
         self.size = len(self.view)
         self.display = display
+        self.stream = stream  # the file-like object the bytes came from, if any
+        self.start = start  # its position when it was opened
+
+    def leave_stream_at(self, end: int) -> None:
+        """Position the stream just past the checkpoint, as torch.load leaves it."""
+        if self.stream is not None and getattr(self.stream, "seekable", lambda: False)():
+            self.stream.seek(self.start + end)
 
     def _read(self, offset: int, length: int) -> bytes:
         return bytes(self.view[offset : offset + length])
@@ -120,12 +129,15 @@ def open_source(f: FileArg) -> Source:
     if isinstance(f, (bytes, bytearray, memoryview)):
         return BufferSource(f)
     if hasattr(f, "read"):
+        seekable = getattr(f, "seekable", lambda: False)()
+        start = f.tell() if seekable else 0
         if isinstance(f, io.BytesIO):
-            data: Any = f.getbuffer()[f.tell() :]
+            data: Any = f.getbuffer()[start:]
         else:
             data = f.read()
             if not isinstance(data, (bytes, bytearray)):
                 raise TypeError("file-like object must be opened in binary mode")
         name = getattr(f, "name", None)
-        return BufferSource(data, display=str(name) if isinstance(name, str) else "<buffer>")
+        display = str(name) if isinstance(name, str) else "<buffer>"
+        return BufferSource(data, display=display, stream=f, start=start)
     raise TypeError(f"expected a path or a binary file-like object, got {type(f).__name__}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from .checkpoint import FORMAT_TORCHSCRIPT, FORMAT_ZIP, CheckpointIndex, read_small_record
 from .interpret import Interpreter
-from .records import StorageRecord
+from .policy import GlobalsPolicy, for_compressed_pickle
+from .records import METHOD_STORED, StorageRecord
 from .source import Source
 from .symbols import DType
 
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
 PICKLE_LIMIT = 1 << 31
 
 
-def index_zip(source: Source, backend: Backend) -> CheckpointIndex:
+def index_zip(source: Source, backend: Backend, policy: GlobalsPolicy | None = None) -> CheckpointIndex:
     entries_list = backend.zip_entries(source)
     if not entries_list:
         raise CheckpointError("zip archive has no records, so it is not a torch checkpoint")
@@ -31,7 +33,7 @@ def index_zip(source: Source, backend: Backend) -> CheckpointIndex:
         raise CheckpointError(f"no '{data_name}' record: this zip is not a torch checkpoint")
     torchscript = f"{top}/constants.pkl" in entries
 
-    byteorder = "little"
+    byteorder = default_load_byteorder()
     byteorder_entry = entries.get(f"{top}/byteorder")
     if byteorder_entry is not None:
         value = read_small_record(source, byteorder_entry, limit=16)
@@ -75,7 +77,10 @@ def index_zip(source: Source, backend: Backend) -> CheckpointIndex:
         return record
 
     pickle_bytes = read_small_record(source, entries[data_name], limit=PICKLE_LIMIT)
-    interpreter = Interpreter(persistent_load, torchscript=torchscript)
+    policy = policy if policy is not None else GlobalsPolicy()
+    if entries[data_name].method != METHOD_STORED:
+        policy = for_compressed_pickle(policy, entries[data_name].compressed_size)
+    interpreter = Interpreter(persistent_load, torchscript=torchscript, policy=policy)
     try:
         root, _ = backend.unpickle(pickle_bytes, interpreter)
     except CheckpointError as exc:
@@ -88,12 +93,28 @@ def index_zip(source: Source, backend: Backend) -> CheckpointIndex:
         byteorder=byteorder,
         top_folder=top,
         entries=entries,
+        unknown_globals=interpreter.unknown_names,
+        end=source.size,
     )
     if torchscript:
         from .torchscript import script_state_dict
 
         index.root = script_state_dict(index)
     return index
+
+
+def default_load_byteorder() -> str:
+    """The byte order of a file without a ``byteorder`` record: little, unless the user set
+    ``torch.serialization.set_default_load_endianness`` (read only if torch is imported)."""
+    serialization = sys.modules.get("torch.serialization")
+    get = getattr(serialization, "get_default_load_endianness", None)
+    setting = get() if get is not None else None
+    name = getattr(setting, "name", None)
+    if name == "BIG":
+        return "big"
+    if name == "NATIVE":
+        return sys.byteorder
+    return "little"
 
 
 def _swap_width(dtype: DType) -> int:

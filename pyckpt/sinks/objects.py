@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..index.opaque import Opaque
 from ..index.records import CallRecord, ParameterRecord, ScriptObject, StorageRef, TensorRecord
 from ..index.symbols import DType, Symbol
-from .torch_values import torch_dtype, torch_object
+from .torch_values import torch_dtype, torch_object, user_trusted_globals
 
 
 class ObjectBuilder:
@@ -24,6 +25,7 @@ class ObjectBuilder:
         self.storages = storages
         self.built: dict[int, Any] = {}
         self.key = ""
+        self.trusted = user_trusted_globals()
 
     def build(self, value: Any) -> Any:
         try:
@@ -78,11 +80,57 @@ class ObjectBuilder:
             result = torch_object(value)
         elif kind is CallRecord:
             result = self._call(value, path)
+        elif kind is Opaque:
+            return self._opaque(value, path)
+        elif kind is frozenset:
+            result = frozenset(self._build(item, path) for item in value)
         elif kind is ScriptObject:
             raise CheckpointError("TorchScript objects cannot be loaded as Python objects", key=path or None)
         else:
             return value
         self.built[id(value)] = result
+        return result
+
+    def _opaque(self, record: Opaque, path: str) -> Any:
+        """A copy with real tensors inside; or, for a global the user trusted, the real object."""
+        trusted = self.trusted.get(record.qualified_name)
+        if trusted is not None:
+            return self._trusted(record, trusted, path)
+        if not record.called:
+            self.built[id(record)] = record
+            return record
+        result = Opaque(record.module, record.name, new_object=record.new_object)
+        self.built[id(record)] = result  # before the parts: the state may refer to the object
+        result.args = self._build(record.args, path)
+        result.kwargs = self._build(record.kwargs, path)
+        result.state = self._build(record.state, path)
+        result.items = [self._build(item, f"{path}[{i}]") for i, item in enumerate(record.items)]
+        result.dict_items = [(self._build(k, path), self._build(v, path)) for k, v in record.dict_items]
+        return result
+
+    def _trusted(self, record: Opaque, func: Any, path: str) -> Any:
+        """What torch.load(weights_only=True) does with a global from add_safe_globals."""
+        if not record.called:
+            self.built[id(record)] = func
+            return func
+        name = record.qualified_name
+        if record.kwargs is not None or record.items or record.dict_items:
+            raise CheckpointError(
+                f"{name} is built with keyword arguments, APPENDS or SETITEMS, which torch's "
+                "weights_only unpickler refuses even for safe globals", key=path or None
+            )
+        args = self._build(record.args, path)
+        try:
+            result = func.__new__(func, *args) if record.new_object else func(*args)
+        except Exception as exc:  # the user's own class
+            raise CheckpointError(f"{name} failed: {exc}", key=path or None) from None
+        self.built[id(record)] = result
+        if record.state is not None:
+            state = self._build(record.state, path)
+            try:
+                _apply_build(result, state)
+            except Exception as exc:
+                raise CheckpointError(f"BUILD of {name} failed: {exc}", key=path or None) from None
         return result
 
     def _tensor(self, record: TensorRecord, path: str) -> torch.Tensor:

@@ -4,7 +4,9 @@ Records become the calls torch itself writes (``_rebuild_tensor_v2``/``_v3``,
 ``_rebuild_parameter``, persistent ids for storages), globals are written by name, and
 storages are renumbered ``0..N-1`` in the order the pickle first meets them. The memo keeps
 every shared object (tied weights, views, repeated containers) shared. Only opcodes that
-torch's ``weights_only`` unpickler (and pyckpt's own) accept are written.
+torch's ``weights_only`` unpickler (and pyckpt's own) accept are written; opaque objects
+are written back with the globals they were read with, which only opaque mode (or
+``weights_only=False``) reads again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 from ..errors import CheckpointError
+from ..index.opaque import Opaque
 from ..index.records import CallRecord, ParameterRecord, ScriptObject, StorageRecord, StorageRef, TensorRecord
 from ..index.symbols import UNTYPED_STORAGE, DType, Symbol, symbol
 
@@ -29,6 +32,9 @@ SET = symbol("builtins.set")
 COMPLEX = symbol("builtins.complex")
 BYTEARRAY = symbol("builtins.bytearray")
 ENCODE = symbol("_codecs.encode")
+FROZENSET = symbol("builtins.frozenset")
+NEWOBJ_EX = symbol("copyreg.__newobj_ex__")
+GETATTR = symbol("builtins.getattr")
 
 _pack_i32 = struct.Struct("<i").pack
 _pack_u32 = struct.Struct("<I").pack
@@ -41,6 +47,7 @@ class PickleWriter:
         self.memo: dict[int, int] = {}
         self.alive: list[Any] = []  # keeps memoised temporaries alive, so ids stay unique
         self.storages: dict[str, tuple[str, StorageRecord]] = {}  # source key -> (new key, record)
+        self.bare_globals: dict[tuple[str, str], Opaque] = {}  # one object per class, memoised once
 
     # -- memo ---------------------------------------------------------------------------
     def _memoize(self, obj: Any) -> None:
@@ -127,10 +134,54 @@ class PickleWriter:
             for state in obj.build_states:
                 self.save(state)
                 self.out += b"b"
+        elif kind is Opaque:
+            self._opaque(obj)
+        elif kind is frozenset:
+            self._call(FROZENSET, (list(obj),))
+            self._memoize(obj)
         elif kind is ScriptObject:
             raise CheckpointError(f"cannot write TorchScript object {obj.qualified_name} to a checkpoint")
         else:
             raise CheckpointError(f"cannot write a {kind.__name__} to a checkpoint")
+
+    def _opaque(self, obj: Opaque) -> None:
+        """An opaque object as it was read: the same global, arguments, items and state.
+
+        The opcodes are the ones Python's own pickler writes for such objects at protocol 2
+        (REDUCE or NEWOBJ, then APPENDS, SETITEMS and BUILD), so ``torch.load(out,
+        weights_only=False)``, where the classes are importable, rebuilds objects equal to the
+        input's. Keyword arguments (NEWOBJ_EX, protocol 4) go through ``copyreg.__newobj_ex__``,
+        as protocol 2 spells them.
+        """
+        if not obj.called:
+            if "." in obj.name:  # a nested class: protocol 2 names it getattr(Outer, "Inner")
+                parent, attribute = obj.name.rsplit(".", 1)
+                parent_global = self.bare_globals.setdefault((obj.module, parent), Opaque(obj.module, parent))
+                self._call(GETATTR, (parent_global, attribute))
+            else:
+                self._global(f"{obj.module}\n{obj.name}", split=False)
+            self._memoize(obj)
+            return
+        callable_global = self.bare_globals.setdefault((obj.module, obj.name), Opaque(obj.module, obj.name))
+        if obj.kwargs is not None:
+            self._call(NEWOBJ_EX, (callable_global, obj.args, obj.kwargs))
+        else:
+            self.save(callable_global)
+            self.save(obj.args)
+            self.out += b"\x81" if obj.new_object else b"R"
+        self._memoize(obj)
+        if obj.items:
+            self._batched(obj.items, b"e")
+        if obj.dict_items:
+            for start in range(0, len(obj.dict_items), BATCH):
+                self.out += b"("
+                for key, value in obj.dict_items[start : start + BATCH]:
+                    self.save(key)
+                    self.save(value)
+                self.out += b"u"
+        if obj.state is not None:
+            self.save(obj.state)
+            self.out += b"b"
 
     def _int(self, value: int) -> None:
         if 0 <= value < 256:
@@ -180,9 +231,10 @@ class PickleWriter:
                 self.save(value)
             self.out += b"u"
 
-    def _global(self, name: str) -> None:
-        module, attribute = name.rsplit(".", 1)
-        self.out += b"c" + module.encode() + b"\n" + attribute.encode() + b"\n"
+    def _global(self, name: str, *, split: bool = True) -> None:
+        """GLOBAL of a dotted name, or (``split=False``) of an exact ``module\\nname``."""
+        module, attribute = name.rsplit(".", 1) if split else name.split("\n", 1)
+        self.out += b"c" + module.encode("utf-8") + b"\n" + attribute.encode("utf-8") + b"\n"
 
     def _call(self, func: Symbol, args: tuple[Any, ...], *, new_object: bool = False) -> None:
         self.save(func)
@@ -190,6 +242,8 @@ class PickleWriter:
         self.out += b"\x81" if new_object else b"R"
 
     def _persistent(self, record: StorageRecord) -> None:
+        if record.view_of is not None:
+            raise CheckpointError(f"storage view '{record.key}' cannot be written as a storage of its own")
         key = self.storages.get(record.key)
         if key is None:
             key = self.storages[record.key] = (str(len(self.storages)), record)
@@ -203,12 +257,18 @@ class PickleWriter:
 
     def _tensor(self, record: TensorRecord) -> None:
         storage = record.storage
+        storage_offset = record.storage_offset
+        if storage.view_of is not None:
+            # The zip format has no storage views: the tensor goes onto the viewed storage, so
+            # the sharing survives.
+            storage_offset += storage.view_start // record.dtype.itemsize
+            storage = storage.view_of
         # v2 when the storage's typed class already says the dtype; v3 carries it explicitly.
         typed = record.dtype == storage.dtype and storage.dtype.storage_class is not None
         self.save(REBUILD_V2 if typed else REBUILD_V3)
         self.out += b"("
         self._persistent(storage)
-        for value in (record.storage_offset, record.size, record.stride, record.requires_grad, OrderedDict()):
+        for value in (storage_offset, record.size, record.stride, record.requires_grad, OrderedDict()):
             self.save(value)
         if not typed:
             self.save(record.dtype)

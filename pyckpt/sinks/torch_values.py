@@ -40,3 +40,14 @@ def torch_object(name: Symbol) -> Any:
             f"global {name.name} is not on the weights_only allowlist of torch {torch.__version__}"
         )
     return value
+
+
+def user_trusted_globals() -> dict[str, Any]:
+    """What the user registered with ``torch.serialization.add_safe_globals``, by name.
+
+    Read when a tree is built, as torch reads it at load time, so ``with safe_globals([...])``
+    counts.
+    """
+    from torch._weights_only_unpickler import _get_user_allowed_globals
+
+    return dict(_get_user_allowed_globals())
