@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from pyckpt import Opaque
+
 
 def storage_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return untyped_bytes(tensor.untyped_storage())
@@ -78,6 +80,13 @@ def _compare(expected: Any, got: Any, path: str, tensors: list, identity: dict, 
         assert len(got) == len(expected), f"{where}: length"
         for i, (a, b) in enumerate(zip(expected, got)):
             _compare(a, b, f"{path}[{i}]", tensors, identity, depth + 1)
+    elif isinstance(expected, Opaque):
+        for field in ("module", "name", "new_object"):
+            assert getattr(got, field) == getattr(expected, field), (
+                f"{where}: {field} {getattr(got, field)!r} != {getattr(expected, field)!r}"
+            )
+        for field in ("args", "kwargs", "state", "items", "dict_items"):
+            _compare(getattr(expected, field), getattr(got, field), f"{path}<{field}>", tensors, identity, depth + 1)
     elif isinstance(expected, float) and expected != expected:
         assert got != got, f"{where}: NaN"
     else:
