@@ -896,8 +896,45 @@ def _deep_pickles() -> dict[str, bytes]:
     }
 
 
+def deflate_repeated(head: bytes, unit: bytes, count: int, tail: bytes) -> tuple[bytes, int, int]:
+    """A raw DEFLATE stream of ``head + unit * count + tail`` built without holding it.
+
+    Returns (stream, size, crc). Like :func:`deflate_bomb`, a chunk compressed with a full
+    flush is repeated; its CRC is combined arithmetic-free by running zlib.crc32 over the
+    chunk as many times (fast: the chunk is a few MiB).
+    """
+    per_chunk = max(1, (4 << 20) // len(unit))
+    chunk = unit * per_chunk
+    full, rest = divmod(count, per_chunk)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts = [compressor.compress(head) + compressor.flush(zlib.Z_FULL_FLUSH)]
+    repeated = zlib.compressobj(9, zlib.DEFLATED, -15)
+    piece = repeated.compress(chunk) + repeated.flush(zlib.Z_FULL_FLUSH)
+    parts.append(piece * full)
+    ending = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts.append(ending.compress(unit * rest + tail) + ending.flush())
+    crc = zlib.crc32(head)
+    for _ in range(full):
+        crc = zlib.crc32(chunk, crc)
+    crc = zlib.crc32(unit * rest + tail, crc)
+    return b"".join(parts), len(head) + len(unit) * count + len(tail), crc
+
+
+@functools.lru_cache(maxsize=1)
+def huge_list_pickle_zip() -> bytes:
+    """A 300 KB file whose data.pkl (300 MB inflated) builds one list of 10**8 elements."""
+    stream = deflate_repeated(b"\x80\x02]", b"K\x01a", 10**8, b".")
+    return deflated_zip({"archive/data.pkl": b"", "archive/byteorder": b"little"},
+                        raw_streams={"archive/data.pkl": stream})
+
+
 def resource_cases() -> list[Case]:
-    cases = []
+    cases = [
+        # Every value pushed counts against a limit, for a compressed pickle 16 per byte it
+        # occupies in the file: refused after ~5 million values, not after exhausting memory.
+        Case("huge_list_deflated", huge_list_pickle_zip(), ("pickle pushes more than", "values"), "resource",
+             tags=("bomb",)),
+    ]
     for name, pickle_bytes in _deep_pickles().items():
         cases.append(Case(f"deep_{name}_zip", torch_zip(pickle_bytes), (NESTS,), "resource", tags=("deep",)))
         cases.append(Case(f"deep_{name}_legacy", legacy_file(pickle_bytes), (NESTS,), "resource", tags=("deep", "legacy")))
@@ -1008,6 +1045,8 @@ with use_backend(job["backend"]):
         try:
             if item["mode"] == "path":
                 value = pyckpt.load(item["path"])
+            elif item["mode"] == "opaque":
+                value = pyckpt.load(item["path"], unknown_globals="opaque")
             elif item["mode"] == "abort":  # self-test of the containment
                 os.abort()
             elif item["mode"] == "sleep":
@@ -1045,7 +1084,7 @@ def run_contained(
     case_timeout: int = 60,
     batch_timeout: int = 900,
 ) -> tuple[dict[str, dict], int]:
-    """Load each item (``id``, ``path``, ``mode`` = path | buffer | state_dict) in a child
+    """Load each item (``id``, ``path``, ``mode`` = path | buffer | opaque | state_dict) in a child
     process under ``RLIMIT_AS``; a child that dies (signal, abort) or hangs is blamed on the
     item it was loading and the rest run in a fresh child. Returns (results by id, peak RSS KiB).
     """

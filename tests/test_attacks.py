@@ -45,7 +45,7 @@ STATE_DICT_CASES = [
     "deflate_bomb_storage_declares_4k",
     "legacy_data_past_eof",
 ]
-MODES = ("path", "buffer")
+MODES = ("path", "buffer", "opaque")
 
 
 class Corpus:
@@ -105,10 +105,46 @@ def test_refused(backend, corpus, name):
     _check(case, results[f"{name}|buffer"], "<buffer>")
 
 
-@pytest.mark.parametrize("name", STATE_DICT_CASES)
-def test_load_state_dict_refuses(backend, corpus, name):
+# In opaque mode a global beyond the allowlist is an inert record, so a case refused only for
+# naming one may load; these modules stay refused in every mode.
+ALWAYS_BLOCKED = ("os.", "posix.", "sys.", "nt.")
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_opaque_mode(backend, corpus, name):
+    """With unknown_globals="opaque" every case is refused as before, or (only if it was
+    refused for what it names, never for damage) loads as inert records; nothing runs (the
+    sentinel test covers these runs too) and nothing crashes, hangs or escapes as another error."""
     results, _ = corpus.run(backend)
-    _check(corpus.cases[name], results[f"{name}|state_dict"], corpus.paths[name])
+    case = corpus.cases[name]
+    result = results[f"{name}|opaque"]
+    if result["kind"] == "ok":
+        assert case.error == "UnsafeCheckpointError", f"{name}: a damaged file loaded in opaque mode: {result['value']}"
+        default = results[f"{name}|path"]["message"]
+        assert not any(f"refused global {module}" in default for module in ALWAYS_BLOCKED), (
+            f"{name}: a blocked module loaded in opaque mode: {result['value']}"
+        )
+        return
+    if case.error != "UnsafeCheckpointError":
+        _check(case, result, corpus.paths[name])  # damage is damage in every mode
+    else:
+        assert result["kind"] == "error", f"{name}: {result}"
+        assert corpus.paths[name] in result["message"]
+
+
+def test_opaque_mode_keeps_code_payloads_inert(corpus):
+    """The code-execution payloads naming non-blocked globals load in opaque mode as records
+    of the call they describe (``subprocess.Popen([...])``), which nothing ever runs."""
+    import re
+
+    for backend in ("python",) + (() if EXT_DISABLED else ("native",)):
+        results, _ = corpus.run(backend)
+        loaded = {name: results[f"{name}|opaque"]["value"] for name in corpus.cases
+                  if name.startswith("code_") and results[f"{name}|opaque"]["kind"] == "ok"}
+        assert any("subprocess_popen" in name for name in loaded), sorted(loaded)
+        assert any("builtins_exec" in name for name in loaded), sorted(loaded)
+        for name, value in loaded.items():
+            assert re.search(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*\(", value), f"{name}: no opaque call in {value}"
 
 
 def test_backends_agree_on_the_problem(corpus):
@@ -122,6 +158,8 @@ def test_backends_agree_on_the_problem(corpus):
         other = python[item]
         if result.get("classes", [None])[0] != other.get("classes", [None])[0]:
             differ.append(f"{item}: {result.get('classes')} vs {other.get('classes')}")
+        elif result.get("kind") == "ok" and result.get("value") != other.get("value"):
+            differ.append(f"{item}:\n  native: {result.get('value')}\n  python: {other.get('value')}")
         elif result.get("message") != other.get("message") and "nests" not in result.get("message", ""):
             # The native VM reports nesting while converting the pickle, the Python backend
             # while planning (with the key path); every other message is the same text.

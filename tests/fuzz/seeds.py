@@ -4,14 +4,20 @@
 legacy file, the zip re-written with DEFLATE, its bare ``data.pkl``, a TorchScript archive
 and its pickles, plus the small cases of the hostile corpus (``tests/attacks.py``). Nothing
 is checked in: every seed is generated, so the corpus follows the installed torch.
+
+Some objects hold classes beyond torch's weights_only allowlist (stdlib, numpy, a pickled
+``nn.Module``), some saved with pickle protocol 4 or 5: the default mode refuses them, and
+``unknown_globals="opaque"`` reads them as ``pyckpt.Opaque`` records, so both paths get seeds.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import hashlib
 import io
 import os
+import pathlib
 import sys
 import warnings
 import zipfile
@@ -58,11 +64,47 @@ def _objects() -> dict[str, Any]:
     }
 
 
-def _zip_bytes(obj: Any) -> bytes:
+def _opaque_objects() -> dict[str, Any]:
+    """Objects beyond the allowlist: refused by default, Opaque records in opaque mode.
+
+    Only stdlib, numpy and torch classes: a class defined here would be pickled as
+    ``seeds.X`` or ``__main__.X`` depending on how this file was run, so the seeds would
+    depend on the caller, and torch could not load them back without importing this file.
+    """
+    import numpy
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    shared = torch.arange(6, dtype=torch.float32)
+    looped = argparse.Namespace(name="loop", w=shared[2:])
+    looped.me = looped  # BUILD state that refers back to its own object
+    return {
+        "opaque_mixed": {
+            "args": argparse.Namespace(lr=0.1, betas=(0.9, 0.99)),
+            "model": {"w": torch.ones(2)},
+            "path": pathlib.PurePosixPath("a/b"),
+            "n": numpy.float64(1.5),
+            "array": numpy.arange(3, dtype=numpy.int32),  # a bare global (numpy.ndarray) inside
+        },
+        # APPENDS on an Opaque (items), SETITEMS on one (dict_items), a tensor shared across them
+        "opaque_deque": collections.deque([1, shared, "x"], maxlen=4),
+        "opaque_defaultdict": {"d": collections.defaultdict(list, {"a": [shared], "b": [shared[1:]]}), "t": shared},
+        "opaque_cycle": [looped, looped, shared],
+        # a whole pickled module: Linear's NEWOBJ + BUILD with _parameters (Parameters) inside
+        "opaque_module": nn.Linear(2, 2),
+    }
+
+
+# (object name, pickle protocol): protocols 3-5 are read in opaque mode only.
+_PROTOCOL_SEEDS = [("opaque_mixed", 4), ("opaque_module", 4), ("opaque_defaultdict", 5), ("state_dict", 4)]
+
+
+def _zip_bytes(obj: Any, protocol: int = 2) -> bytes:
     import torch
 
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    torch.save(obj, buffer, pickle_protocol=protocol)
     return buffer.getvalue()
 
 
@@ -103,12 +145,17 @@ def seed_inputs(*, include_attacks: bool = True) -> dict[str, bytes]:
     seeds: dict[str, bytes] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, obj in _objects().items():
+        objects = {**_objects(), **_opaque_objects()}
+        for name, obj in objects.items():
             zipped = _zip_bytes(obj)
             seeds[f"zip_{name}"] = zipped
             seeds[f"legacy_{name}"] = _legacy_bytes(obj)
             seeds[f"deflate_{name}"] = _rezip(zipped, zipfile.ZIP_DEFLATED)
             seeds[f"pkl_{name}"] = _records(zipped, "/data.pkl")[0]
+        for name, protocol in _PROTOCOL_SEEDS:
+            zipped = _zip_bytes(objects[name], protocol)
+            seeds[f"zip_p{protocol}_{name}"] = zipped
+            seeds[f"pkl_p{protocol}_{name}"] = _records(zipped, "/data.pkl")[0]
         script = _torchscript_bytes()
         seeds["torchscript"] = script
         for i, pickle_bytes in enumerate(_records(script, ".pkl")):
