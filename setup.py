@@ -1,4 +1,5 @@
-"""Build pyckpt: the Python package plus its native extensions, ``pyckpt._core`` and ``pyckpt._ring``.
+"""Build pyckpt: the Python package plus its native extensions, ``pyckpt._core``, ``pyckpt._ring``
+and ``pyckpt._tensors``.
 
 ``pip install --no-build-isolation .`` compiles the extension against the installed torch
 (build isolation would download torch again). ``PYCKPT_BUILD_EXT=0`` installs pure Python.
@@ -16,7 +17,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _extensions():
     """pyckpt._core: the C++ core with pybind11 only (no torch, so it loads in milliseconds).
-    pyckpt._ring: the pinned-ring loader for accelerators, a torch extension."""
+    pyckpt._ring: the pinned-ring loader for accelerators, a torch extension.
+    pyckpt._tensors: host storages and tensors made in bulk, a torch extension."""
     if os.environ.get("PYCKPT_BUILD_EXT", "1").strip().lower() in ("0", "false", "no", "off"):
         return [], {}
     import pybind11
@@ -33,7 +35,8 @@ def _extensions():
     flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     core = Extension(
         name="pyckpt._core",
-        sources=["csrc/bindings/bindings.cpp", "csrc/bindings/py_tree.cpp", *sources("core", "index", "io")],
+        sources=["csrc/bindings/bindings.cpp", "csrc/bindings/py_tree.cpp", "csrc/bindings/py_zip.cpp",
+                 *sources("core", "index", "io")],
         include_dirs=[os.path.join(ROOT, "csrc"), pybind11.get_include()],
         extra_compile_args=["-std=c++17", *flags],
         language="c++",
@@ -44,7 +47,14 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=flags,
     )
-    return [core, ring], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    tensors = CppExtension(
+        name="pyckpt._tensors",
+        sources=["csrc/bindings/tensor_bindings.cpp", "csrc/bindings/direct_load.cpp", *sources("materialize"),
+                 "csrc/core/byte_source.cpp", "csrc/index/zip_index.cpp", "csrc/io/crc32.cpp", "csrc/io/parallel_read.cpp"],
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args=flags,
+    )
+    return [core, ring, tensors], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,8 +1,9 @@
 """The one guarded import of the native core, and the two backends behind one face.
 
 The native core (``pyckpt._core``) is plain C++ with pybind11: importing it does not load
-torch. The CUDA ring lives in a torch extension of its own (``pyckpt._ring``), imported only
-by a load to an accelerator (:mod:`pyckpt.execute.device`).
+torch. Two torch extensions are imported only when a load needs them: the bulk host storages
+and tensors (``pyckpt._tensors``, below) and the CUDA ring (``pyckpt._ring``, imported by
+:mod:`pyckpt.execute.device`).
 
 ``PYCKPT_DISABLE_EXT=1`` forces the pure-Python backend; ``PYCKPT_REQUIRE_EXT=1`` turns a
 missing or broken extension into an ImportError instead of a silent fallback (CI sets it).
@@ -11,6 +12,7 @@ missing or broken extension into an ImportError instead of a silent fallback (CI
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 
     from .index.checkpoint import CheckpointIndex
     from .index.interpret import Interpreter
-    from .index.records import ZipEntry
+    from .index.records import TensorRecord, ZipEntry
     from .index.source import Source
     from .plan import StoragePlan
 
@@ -31,7 +33,9 @@ if TYPE_CHECKING:
 class Backend(Protocol):
     name: str
 
-    def zip_entries(self, source: Source) -> list[ZipEntry]: ...
+    def zip_entries(self, source: Source) -> Mapping[str, ZipEntry]:
+        """The central directory by record name, in directory order."""
+        ...
 
     def unpickle(self, data: bytes, interpreter: Interpreter, *, start: int = 0) -> tuple[Any, int]: ...
 
@@ -53,6 +57,25 @@ class Backend(Protocol):
         """Copy ``(source_offset, length, dest_offset, want_crc)`` jobs file to file; CRCs (0 if not asked)."""
         ...
 
+    def slice_storage(self, base: torch.UntypedStorage, ranges: list[tuple[int, int]]) -> list[torch.UntypedStorage]:
+        """Storages sharing ``base``'s memory, one per ``(offset, length)`` range."""
+        ...
+
+    def read_fresh(self, source: Source, ranges: list[tuple[int, int]]) -> list[torch.UntypedStorage]:
+        """A new host storage holding each raw ``(offset, length)`` range of the source."""
+        ...
+
+    def make_tensors(
+        self, records: list[TensorRecord], storages: dict[str, torch.UntypedStorage]
+    ) -> dict[int, torch.Tensor]:
+        """Tensors for the records it can make in bulk, by ``id(record)`` (others: none)."""
+        ...
+
+    def fill_directly(self, source: Source, pairs: list[tuple[TensorRecord, torch.Tensor]]) -> list[bool]:
+        """Read each raw stored record straight into its host target where it fits as it is;
+        one flag per pair (False: left for the caller's one-by-one path)."""
+        ...
+
     def crc32_ranges(self, source: Source, ranges: list[tuple[int, int]]) -> list[int]:
         """CRC-32 of each ``(offset, length)`` range of the source."""
         ...
@@ -67,7 +90,26 @@ class BackendInfo:
 
 
 class _SharedPaths:
-    """What both backends do the same way."""
+    """What both backends do the same way (the native one where its torch extension is absent)."""
+
+    def slice_storage(self, base: torch.UntypedStorage, ranges: list[tuple[int, int]]) -> list[torch.UntypedStorage]:
+        return [base[offset : offset + length] for offset, length in ranges]
+
+    def read_fresh(self, source: Source, ranges: list[tuple[int, int]]) -> list[torch.UntypedStorage]:
+        import torch
+
+        buffers = [torch.empty(length, dtype=torch.uint8) for _, length in ranges]
+        jobs = [(offset, buffer) for (offset, _), buffer in zip(ranges, buffers) if buffer.numel()]
+        self.read_into(source, jobs)  # type: ignore[attr-defined]
+        return [buffer.untyped_storage() for buffer in buffers]
+
+    def make_tensors(
+        self, records: list[TensorRecord], storages: dict[str, torch.UntypedStorage]
+    ) -> dict[int, torch.Tensor]:
+        return {}  # the object builder makes each tensor itself
+
+    def fill_directly(self, source: Source, pairs: list[tuple[TensorRecord, torch.Tensor]]) -> list[bool]:
+        return [False] * len(pairs)  # module_loading fills them one by one
 
     def read_storages_to_device(
         self, index: CheckpointIndex, plans: list[StoragePlan]
@@ -113,10 +155,10 @@ class PythonBackend(_SharedPaths):
             crcs.append(crc)
         return crcs
 
-    def zip_entries(self, source: Source) -> list[ZipEntry]:
+    def zip_entries(self, source: Source) -> Mapping[str, ZipEntry]:
         from .index.py_zip import read_zip_entries
 
-        return read_zip_entries(source)
+        return {entry.name: entry for entry in read_zip_entries(source)}
 
     def unpickle(self, data: bytes, interpreter: Interpreter, *, start: int = 0) -> tuple[Any, int]:
         from .index.py_unpickler import unpickle
@@ -130,7 +172,46 @@ class NativeBackend(_SharedPaths):
     def __init__(self, module: ModuleType) -> None:
         self.module = module
 
-    def zip_entries(self, source: Source) -> list[ZipEntry]:
+    def slice_storage(self, base: torch.UntypedStorage, ranges: list[tuple[int, int]]) -> list[torch.UntypedStorage]:
+        tensors = tensors_module()
+        if tensors is None:
+            return super().slice_storage(base, ranges)
+        return list(tensors.slice_storage(base, ranges))
+
+    def read_fresh(self, source: Source, ranges: list[tuple[int, int]]) -> list[torch.UntypedStorage]:
+        from .index.source import FileSource
+
+        tensors = tensors_module()
+        if tensors is None:
+            return super().read_fresh(source, ranges)
+        if isinstance(source, FileSource):
+            return list(tensors.read_storages_fd(source.fd, source.size, ranges, io_threads()))
+        return list(tensors.read_storages_buffer(source.buffer(), ranges, io_threads()))
+
+    def make_tensors(
+        self, records: list[TensorRecord], storages: dict[str, torch.UntypedStorage]
+    ) -> dict[int, torch.Tensor]:
+        tensors = tensors_module()
+        if tensors is None or not records:
+            return {}
+        from .sinks.torch_values import torch_dtypes
+
+        plain = [r for r in records if not r.metadata and r.storage.key in storages]
+        made = tensors.make_tensors(plain, storages, torch_dtypes())
+        return {id(record): tensor for record, tensor in zip(plain, made)}
+
+    def fill_directly(self, source: Source, pairs: list[tuple[TensorRecord, torch.Tensor]]) -> list[bool]:
+        from .index.source import FileSource
+        from .sinks.torch_values import torch_dtypes
+
+        tensors = tensors_module()
+        if tensors is None:
+            return super().fill_directly(source, pairs)
+        if isinstance(source, FileSource):
+            return list(tensors.fill_fd(source.fd, source.size, pairs, torch_dtypes(), io_threads()))
+        return list(tensors.fill_buffer(source.buffer(), pairs, torch_dtypes(), io_threads()))
+
+    def zip_entries(self, source: Source) -> Mapping[str, ZipEntry]:
         from .index.native_bridge import zip_entries
 
         return zip_entries(self.module, source)
@@ -193,6 +274,38 @@ def _load() -> tuple[Backend, BackendInfo]:
             raise ExtensionUnavailableError(f"{reason} (PYCKPT_REQUIRE_EXT=1 forbids the fallback)") from exc
         return PythonBackend(), BackendInfo("python", False, reason, None)
     return NativeBackend(_core), BackendInfo("native", True, None, getattr(_core, "__file__", None))
+
+
+_tensors_module: Any = None
+_tensors_reason: str | None = None
+_tensors_warned = False
+
+
+def tensors_module() -> Any | None:
+    """The bulk host storages and tensors (``pyckpt._tensors``, a torch extension), or None.
+
+    Imported on first use, by a load (it links libtorch; the command line never needs it).
+    No silent fallback: a native backend without it warns once (or refuses, with
+    ``PYCKPT_REQUIRE_EXT=1``) and makes its tensors one by one, as the Python backend does.
+    """
+    global _tensors_module, _tensors_reason, _tensors_warned
+    if _tensors_module is None and _tensors_reason is None:
+        try:
+            from . import _tensors  # type: ignore[attr-defined]
+
+            _tensors_module = _tensors
+        except ImportError as exc:
+            _tensors_reason = f"the extension pyckpt._tensors could not be imported: {exc}"
+    if _tensors_module is None:
+        message = f"pyckpt: tensors are made one by one in Python because {_tensors_reason}"
+        if env_flag("PYCKPT_REQUIRE_EXT"):
+            raise ExtensionUnavailableError(f"{message} (PYCKPT_REQUIRE_EXT=1 forbids the fallback)")
+        if not _tensors_warned:
+            _tensors_warned = True
+            import warnings
+
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return _tensors_module
 
 
 def _ensure() -> tuple[Backend, BackendInfo]:

@@ -9,6 +9,7 @@ import os
 from collections import Counter
 from typing import Any
 
+from ._collector import without_collector
 from ._backend import current_backend
 from .errors import CheckpointError
 from .index import index_checkpoint
@@ -25,6 +26,7 @@ DEFAULT_ROWS = 40
 MAX_PLACES = 10  # paths listed per unknown global
 
 
+@without_collector
 def inspect_checkpoint(path: str | os.PathLike[str], *, rows: int | None = DEFAULT_ROWS) -> dict[str, Any]:
     """What the checkpoint holds, from its index; never refuses a well-formed file.
 
@@ -39,6 +41,7 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, rows: int | None = DEFAU
             raise exc.located(path=index.display)
 
 
+@without_collector
 def unknown_globals(f: FileArg) -> list[str]:
     """``"module.name"`` of every global in the checkpoint beyond torch's weights_only allowlist.
 

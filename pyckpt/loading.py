@@ -8,14 +8,16 @@ from typing import Any
 
 import torch
 
+from ._collector import without_collector
 from ._backend import current_backend
 from ._device import MapLocation, check_map_location
 from .errors import CheckpointError
 from .execute import execute_plan
-from .index import index_checkpoint
+from .execute.direct import NOTHING, cpu_only, load_direct
+from .index import index_opened
 from .index.policy import UNKNOWN_ERROR, policy_for
-from .index.source import FileArg
-from .plan import plan_storages
+from .index.source import BufferSource, FileArg, open_source
+from .plan import plan_index
 from .rename import AUTO, RenameRules, make_key_map, rename_tree
 from .sinks.objects import build_objects
 
@@ -25,6 +27,7 @@ UNSAFE_WARNING = (
 )
 
 
+@without_collector
 def load(
     f: FileArg,
     map_location: MapLocation = None,
@@ -60,12 +63,29 @@ def load(
         obj = torch.load(f, map_location=map_location, weights_only=False, mmap=mmap)
         return rename_tree(obj, key_map)
     backend = current_backend()
-    with index_checkpoint(f, backend, policy=policy) as index:
+    shared_mapping = mmap is True and _mmap_shared()
+    source = open_source(f)
+    try:
+        if cpu_only(map_location):  # a plain checkpoint to CPU: one native pass, when it can
+            direct = load_direct(source, backend, policy, mmap=mmap, shared_mapping=shared_mapping)
+            if direct is not NOTHING:
+                if isinstance(source, BufferSource):
+                    source.leave_stream_at(source.size)
+                source.close()  # the tensors keep the mapping, not the descriptor
+                try:
+                    return rename_tree(direct, key_map)
+                except CheckpointError as exc:
+                    raise exc.located(path=source.display)
+        index = index_opened(source, backend, policy=policy)
+    except BaseException:
+        source.close()
+        raise
+    with index:
         try:
             root = rename_tree(index.root, key_map)
-            plans = plan_storages(root, map_location, mmap=mmap, can_map=index.source.path is not None)
-            storages = execute_plan(index, plans, map_location, backend, shared_mapping=mmap is True and _mmap_shared())
-            return build_objects(root, storages)
+            plans = plan_index(index, root, map_location, mmap=mmap, can_map=index.source.path is not None)
+            storages = execute_plan(index, plans, map_location, backend, shared_mapping=shared_mapping)
+            return build_objects(root, storages, backend.make_tensors(index.tensor_records, storages))
         except CheckpointError as exc:
             raise exc.located(path=index.display)
         except RecursionError:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # checking views needs no torch; placing storages on devices 
     import torch
 
     from ._device import MapLocation
+    from .index.checkpoint import CheckpointIndex
 
 INT64_MAX = (1 << 63) - 1
 
@@ -121,6 +122,36 @@ def check_view(tensor: TensorRecord, key: str) -> None:
             f"storage '{storage.key}' has {storage.nbytes}",
             key=key or None,
         )
+
+
+def plan_index(
+    index: CheckpointIndex, root: Any, map_location: MapLocation, *, mmap: bool | None, can_map: bool
+) -> dict[str, StoragePlan]:
+    """Plan every storage of the index and check every view not checked yet, without walking
+    the tree: what ``load`` needs, since the pickle made every record it holds (as torch
+    builds every tensor of a pickle, reachable or not). ``root`` is walked only to name the
+    key of a view that does not fit."""
+    try:
+        for record in index.unchecked_views:
+            check_view(record, "")
+    except CheckpointError:
+        plan_storages(root, map_location, mmap=mmap, can_map=can_map)  # raises, naming the key
+        raise  # the bad view is not reachable from the root
+    plans: dict[str, StoragePlan] = {}
+    decided: dict[tuple[str, bool], StoragePlan] = {}  # one device decision per location
+    for storage in index.storages.values():
+        if storage.view_of is None:
+            template = decided.get((storage.location, storage.mappable()))
+            if template is None:
+                template = decided[(storage.location, storage.mappable())] = _plan_one(
+                    storage, map_location, mmap=mmap, can_map=can_map
+                )
+            plans[storage.key] = StoragePlan(storage, template.how, template.device, template.location)
+    for storage in index.storages.values():
+        base = storage.view_of
+        if base is not None:
+            plans[storage.key] = StoragePlan(storage, HOW_VIEW, plans[base.key].device, plans[base.key].location)
+    return plans
 
 
 def plan_storages(

@@ -11,6 +11,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._collector import without_collector
 from ._backend import current_backend
 from .errors import CheckpointError
 from .index import FORMAT_LEGACY, index_checkpoint
@@ -34,6 +35,7 @@ class VerifyReport:
         return not self.problems
 
 
+@without_collector
 def verify_checkpoint(path: str | os.PathLike[str]) -> VerifyReport:
     report = VerifyReport(os.fspath(path))
     backend = current_backend()

@@ -12,7 +12,9 @@ from torch import nn
 
 import pyckpt
 from pyckpt import converting, loading, module_loading, verification
+from pyckpt.execute.direct import load_direct as real_load_direct
 from pyckpt.index import index_checkpoint as real_index_checkpoint
+from pyckpt.index import index_opened as real_index_opened
 
 
 @pytest.fixture
@@ -24,8 +26,22 @@ def truncated_after_indexing(monkeypatch):
         os.truncate(index.source.path, index.source.size // 2)
         return index
 
-    for module in (loading, module_loading, converting, verification):
+    for module in (module_loading, converting, verification):
         monkeypatch.setattr(module, "index_checkpoint", indexing_then_truncating)
+
+    # pyckpt.load indexes a source it opened itself, or reads it in one native pass (which
+    # then finds the file truncated and leaves it to the general path).
+    def opened_then_truncating(source, backend=None, **options):
+        index = real_index_opened(source, backend, **options)
+        os.truncate(index.source.path, index.source.size // 2)
+        return index
+
+    def truncating_then_direct(source, *args, **options):
+        os.truncate(source.path, source.size // 2)
+        return real_load_direct(source, *args, **options)
+
+    monkeypatch.setattr(loading, "index_opened", opened_then_truncating)
+    monkeypatch.setattr(loading, "load_direct", truncating_then_direct)
 
 
 def _checkpoint(tmp_path):

@@ -200,3 +200,85 @@ def test_not_a_state_dict(backend, tmp_path):
     path = factory.save({"epoch": 1, "lr": 0.1}, tmp_path / "nothing.pt")
     with pytest.raises(pyckpt.CheckpointError, match="no state dict found"):
         pyckpt.load_state_dict(fresh_net(), path)
+
+
+# -- the linear-time driver is torch's load_state_dict, step for step ---------------------------
+
+
+class _Hooked(nn.Module):
+    """Every hook kind torch's driver runs, and BatchNorm's version handling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)) for _ in range(3)])
+        self.head = nn.Linear(3, 2)
+        self.calls: list[tuple[str, list[str], list[str]]] = []
+        self.head.register_load_state_dict_post_hook(self._post)
+        self.blocks[1].register_load_state_dict_post_hook(self._forget_missing)
+        self.blocks[2].register_load_state_dict_pre_hook(self._pre)
+
+    def _post(self, module: nn.Module, keys) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("post", list(keys.missing_keys), list(keys.unexpected_keys)))
+
+    def _forget_missing(self, module: nn.Module, keys) -> None:  # type: ignore[no-untyped-def]
+        keys.missing_keys[:] = [k for k in keys.missing_keys if "blocks.1" not in k]
+
+    def _pre(self, module, state_dict, prefix, *args) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("pre", sorted(k for k in state_dict if k.startswith(prefix)), []))
+
+
+class _OwnLoader(nn.Linear):
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[no-untyped-def]
+        self.seen = sorted(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _hooked_state(drop: str | None = None, extra: bool = False, old_batchnorm: bool = False) -> dict:
+    torch.manual_seed(7)
+    state = _Hooked().state_dict()
+    if drop:
+        state = collections.OrderedDict((k, v) for k, v in state.items() if drop not in k)
+        state._metadata = _Hooked().state_dict()._metadata  # type: ignore[attr-defined]
+    if extra:
+        state["blocks.0.0.surplus"] = torch.ones(1)
+        state["nowhere.weight"] = torch.ones(1)
+    if old_batchnorm:  # a checkpoint from before BatchNorm counted batches: version 1, no counter
+        state = collections.OrderedDict((k, v) for k, v in state.items() if "num_batches_tracked" not in k)
+        metadata = _Hooked().state_dict()._metadata
+        for path in ("blocks.0.1", "blocks.1.1", "blocks.2.1"):
+            metadata[path] = {"version": 1}
+        state._metadata = metadata  # type: ignore[attr-defined]
+    return state
+
+
+@pytest.mark.parametrize("case", ["exact", "missing", "unexpected", "both", "old_batchnorm"])
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("assign", [False, True])
+def test_driver_matches_torch(backend, tmp_path, case, strict, assign):
+    state = _hooked_state(
+        drop={"missing": "blocks.1.0", "both": "head.bias"}.get(case),
+        extra=case in ("unexpected", "both"),
+        old_batchnorm=case == "old_batchnorm",
+    )
+    path = factory.save(state, tmp_path / "hooked.pt")
+    expected_model, got_model = _Hooked(), _Hooked()
+    expected_model.load_state_dict(_Hooked().state_dict())  # same starting weights for both
+    got_model.load_state_dict(expected_model.state_dict())
+    try:
+        expected = expected_model.load_state_dict(torch.load(path, weights_only=True), strict=strict, assign=assign)
+    except RuntimeError as exc:
+        with pytest.raises(RuntimeError) as caught:
+            pyckpt.load_state_dict(got_model, path, strict=strict, assign=assign)
+        assert str(caught.value) == str(exc)
+    else:
+        got = pyckpt.load_state_dict(got_model, path, strict=strict, assign=assign)
+        assert got.missing_keys == expected.missing_keys and got.unexpected_keys == expected.unexpected_keys
+        assert_models_equal(expected_model, got_model)
+    assert got_model.calls == expected_model.calls
+
+
+def test_driver_defers_to_a_model_that_loads_itself(backend, tmp_path):
+    path = factory.save(nn.Linear(2, 2).state_dict(), tmp_path / "linear.pt")
+    model = _OwnLoader(2, 2)
+    pyckpt.load_state_dict(model, path)
+    assert model.seen == ["bias", "weight"]

@@ -13,6 +13,7 @@
 
 #include "bindings/buffer_view.h"
 #include "bindings/py_tree.h"
+#include "bindings/py_zip.h"
 #include "core/byte_source.h"
 #include "core/error.h"
 #include "index/pickle_vm.h"
@@ -45,17 +46,6 @@ void raise_checkpoint_error(const CheckpointError& error) {
   py::object record = error.record().empty() ? py::none() : decode_name(error.record());
   py::object instance = cls(decode_name(error.message()), py::arg("record") = record);
   PyErr_SetObject(cls.ptr(), instance.ptr());
-}
-
-py::tuple entry_tuple(const pyckpt::ZipEntry& e) {
-  return py::make_tuple(py::bytes(e.name), e.method, e.flags, e.crc32, e.compressed_size, e.size,
-                        e.header_offset, e.data_offset);
-}
-
-py::list entries_list(const std::vector<pyckpt::ZipEntry>& entries) {
-  py::list result;
-  for (const auto& entry : entries) result.append(entry_tuple(entry));
-  return result;
 }
 
 py::tuple unpickle(const py::buffer& data, uint64_t start, py::object interpreter,
@@ -128,22 +118,27 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
-  m.def("zip_entries_fd", [](int fd, uint64_t size) {
+  py::class_<pyckpt::bindings::ZipDirectory, std::shared_ptr<pyckpt::bindings::ZipDirectory>>(m, "ZipDirectory")
+      .def("__len__", &pyckpt::bindings::ZipDirectory::size)
+      .def("entry", &pyckpt::bindings::ZipDirectory::entry, py::arg("name"))
+      .def("names", &pyckpt::bindings::ZipDirectory::names)
+      .def("all", &pyckpt::bindings::ZipDirectory::all);
+  m.def("zip_directory_fd", [](int fd, uint64_t size, int threads) {
     std::vector<pyckpt::ZipEntry> entries;
     {
       py::gil_scoped_release release;
-      entries = pyckpt::read_zip_entries(pyckpt::FdSource(fd, size));
+      entries = pyckpt::read_zip_entries(pyckpt::FdSource(fd, size), threads);
     }
-    return entries_list(entries);
+    return std::make_shared<pyckpt::bindings::ZipDirectory>(std::move(entries));
   });
-  m.def("zip_entries_buffer", [](const py::buffer& buffer) {
+  m.def("zip_directory_buffer", [](const py::buffer& buffer, int threads) {
     BufferView view = view_of(buffer);
     std::vector<pyckpt::ZipEntry> entries;
     {
       py::gil_scoped_release release;
-      entries = pyckpt::read_zip_entries(pyckpt::MemorySource(view.data, view.size));
+      entries = pyckpt::read_zip_entries(pyckpt::MemorySource(view.data, view.size), threads);
     }
-    return entries_list(entries);
+    return std::make_shared<pyckpt::bindings::ZipDirectory>(std::move(entries));
   });
   m.def("unpickle", &unpickle, py::arg("data"), py::arg("start"), py::arg("interpreter"),
         py::arg("rules"), py::arg("max_nesting"));

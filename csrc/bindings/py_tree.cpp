@@ -1,9 +1,12 @@
 #include "bindings/py_tree.h"
 
+#include <memory>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "bindings/py_zip.h"
 #include "core/error.h"
 
 namespace py = pybind11;
@@ -12,6 +15,47 @@ namespace pyckpt::bindings {
 namespace {
 
 namespace pk = pyckpt::pickle;
+
+// Makes instances of a slots-only dataclass by setting its member descriptors directly, which
+// costs a fraction of running the generated __init__. Used only when the class's __slots__
+// are exactly the fields given (else it calls the class), so no field is ever left unset.
+class RecordFactory {
+ public:
+  RecordFactory() = default;
+  RecordFactory(py::object type, const std::vector<const char*>& fields) : type_(std::move(type)) {
+    py::set slots(type_.attr("__slots__"));
+    bool direct = slots.size() == fields.size() && PyType_Check(type_.ptr());
+    for (const char* field : fields) {
+      py::object descriptor = type_.attr(field);
+      direct = direct && slots.contains(py::str(field)) && Py_TYPE(descriptor.ptr()) == &PyMemberDescr_Type;
+      descriptors_.push_back(descriptor);
+    }
+    direct_ = direct;
+  }
+
+  py::object make(std::initializer_list<py::handle> values) const {
+    if (!direct_) {
+      py::tuple args(values.size());
+      size_t i = 0;
+      for (py::handle value : values) args[i++] = py::reinterpret_borrow<py::object>(value);
+      return type_(*args);
+    }
+    auto* type = reinterpret_cast<PyTypeObject*>(type_.ptr());
+    py::object made = py::reinterpret_steal<py::object>(type->tp_alloc(type, 0));
+    if (!made) throw py::error_already_set();
+    size_t i = 0;
+    for (py::handle value : values) {
+      PyObject* descriptor = descriptors_[i++].ptr();
+      if (Py_TYPE(descriptor)->tp_descr_set(descriptor, made.ptr(), value.ptr()) != 0) throw py::error_already_set();
+    }
+    return made;
+  }
+
+ private:
+  py::object type_;
+  std::vector<py::object> descriptors_;
+  bool direct_ = false;
+};
 
 class TreeConverter {
  public:
@@ -25,13 +69,34 @@ class TreeConverter {
     call_at_ = interpreter_.attr("call_at");
     persistent_at_ = interpreter_.attr("persistent_at");
     build_at_ = interpreter_.attr("build_at");
+    py::tuple fast = interpreter_.attr("fast_path")();
+    tensor_record_ = fast[0];
+    storage_ref_ = fast[1];
+    make_tensor_record_ = RecordFactory(tensor_record_, {"storage", "dtype", "storage_offset", "size", "stride",
+                                                         "requires_grad", "metadata"});
+    make_storage_ref_ = RecordFactory(storage_ref_, {"storage", "dtype"});
+    dtype_type_ = fast[2];
+    storage_types_ = fast[3];
+    persistent_load_ = fast[4];
+    tensor_records_ = fast[5].cast<py::list>();
+    py::object zip = fast[6];
+    if (!zip.is_none()) {
+      zip_directory_ = zip.attr("directory").cast<std::shared_ptr<ZipDirectory>>();
+      zip_top_ = zip.attr("top").cast<std::string>();
+      zip_big_endian_ = zip.attr("big_endian").cast<bool>();
+      zip_storages_ = zip.attr("storages").cast<py::dict>();
+      make_storage_record_ = RecordFactory(zip.attr("record_type"),
+                                           {"key", "dtype", "nbytes", "location", "record", "data_offset",
+                                            "stored_size", "method", "crc32", "byteswap", "record_size", "view_of",
+                                            "view_start"});
+    }
   }
 
   py::object convert_all() {
     for (pk::NodeId id = 0; id < tree_.nodes.size(); ++id) {
       const pk::Node& node = tree_.nodes[id];
       if (node.kind == pk::Kind::kCall || node.kind == pk::Kind::kPersistent ||
-          node.kind == pk::Kind::kDict || node.kind == pk::Kind::kSet ||
+          (node.kind == pk::Kind::kDict && !inert(id)) || node.kind == pk::Kind::kSet ||
           node.kind == pk::Kind::kFrozenSet || tree_.extras_of(id) != nullptr) {
         convert(id, 0);
       }
@@ -121,6 +186,8 @@ class TreeConverter {
         break;
       }
       case pk::Kind::kCall: {
+        result = tensor_record(items, depth);
+        if (result) break;
         py::object func = convert(items[0], depth + 1);
         py::object args = convert(items[1], depth + 1);
         py::object kwargs = items.size() > 2 ? convert(items[2], depth + 1) : py::none();
@@ -128,12 +195,186 @@ class TreeConverter {
         break;
       }
       case pk::Kind::kPersistent:
-        result = persistent_at_(convert(items[0], depth + 1), node.offset);
+        result = storage_ref(items[0], depth);
+        if (!result) result = persistent_at_(convert(items[0], depth + 1), node.offset);
         break;
     }
     built_[id] = result;
     if (const pk::Extras* extras = tree_.extras_of(id)) apply_extras(result, *extras, depth);
     return result;
+  }
+
+  // -- the common records, built here instead of by the Interpreter -------------------------
+  //
+  // A state dict is mostly _rebuild_tensor_v2 calls over storage persistent ids. For those,
+  // when well formed, the records are made here exactly as Interpreter._tensor and
+  // Interpreter.persistent make them; anything else (malformed included) returns an empty
+  // object and goes to the Interpreter, so its checks and messages stay the only ones.
+
+  const pk::Node* node_of_kind(pk::NodeId id, pk::Kind kind) const {
+    const pk::Node& node = tree_.nodes[id];
+    return node.kind == kind ? &node : nullptr;
+  }
+
+  bool non_negative_int(pk::NodeId id, int64_t* value) const {
+    const pk::Node* node = node_of_kind(id, pk::Kind::kInt);
+    if (node == nullptr || node->integer < 0) return false;
+    *value = node->integer;
+    return true;
+  }
+
+  bool int_tuple(pk::NodeId id, std::vector<int64_t>* values) const {
+    const pk::Node* node = node_of_kind(id, pk::Kind::kTuple);
+    if (node == nullptr) return false;
+    for (pk::NodeId item : tree_.items(*node)) {
+      int64_t value;
+      if (!non_negative_int(item, &value)) return false;
+      values->push_back(value);
+    }
+    return true;
+  }
+
+  static py::tuple as_tuple(const std::vector<int64_t>& values) {
+    py::tuple tuple(values.size());
+    for (size_t i = 0; i < values.size(); ++i) tuple[i] = py::int_(values[i]);
+    return tuple;
+  }
+
+  // plan.check_view's arithmetic: true when the view fits its storage without overflow.
+  static bool view_fits(int64_t offset, const std::vector<int64_t>& size, const std::vector<int64_t>& stride,
+                        int64_t itemsize, int64_t storage_bytes) {
+    if (itemsize <= 0) return false;
+    unsigned __int128 numel = 1, extent = 0;
+    const unsigned __int128 limit = static_cast<unsigned __int128>(INT64_MAX);
+    for (size_t i = 0; i < size.size(); ++i) {
+      numel *= static_cast<unsigned __int128>(size[i]);
+      if (numel > limit) return false;
+      if (size[i] != 0) extent += static_cast<unsigned __int128>(size[i] - 1) * static_cast<unsigned __int128>(stride[i]);
+      if (extent > limit) return false;
+    }
+    if (static_cast<unsigned __int128>(offset) + extent > limit) return false;
+    if (numel == 0) return true;
+    const unsigned __int128 needed = (static_cast<unsigned __int128>(offset) + extent + 1) * itemsize;
+    return needed <= static_cast<unsigned __int128>(storage_bytes);
+  }
+
+  py::object tensor_record(const std::vector<pk::NodeId>& call, int depth) {
+    const pk::Node& func = tree_.nodes[call[0]];
+    if (func.kind != pk::Kind::kGlobal || func.opaque || call.size() != 2) return {};
+    const std::string& name = tree_.text(func);
+    const int form = name == "torch._utils\n_rebuild_tensor_v2"   ? 2
+                     : name == "torch._utils\n_rebuild_tensor_v3" ? 3
+                     : name == "torch._utils\n_rebuild_tensor"    ? 1
+                                                                   : 0;
+    const pk::Node* args = node_of_kind(call[1], pk::Kind::kTuple);
+    if (form == 0 || args == nullptr) return {};
+    const std::vector<pk::NodeId>& a = tree_.items(*args);
+    if (a.size() != (form == 1 ? 4u : form == 2 ? 6u : 7u)) return {};  // no metadata: the common case
+    int64_t offset;
+    std::vector<int64_t> size, stride;
+    if (node_of_kind(a[0], pk::Kind::kPersistent) == nullptr || !non_negative_int(a[1], &offset) ||
+        !int_tuple(a[2], &size) || !int_tuple(a[3], &stride) || size.size() != stride.size()) {
+      return {};
+    }
+    const pk::Node* requires_grad = form == 1 ? nullptr : node_of_kind(a[4], pk::Kind::kBool);
+    if (form != 1 && requires_grad == nullptr) return {};
+    py::object ref = convert(a[0], depth + 1);
+    const auto facts = ref_facts_.find(ref.ptr());
+    if (facts == ref_facts_.end()) return {};  // not one of the fast path's: the Interpreter decides
+    if (form >= 2 && !inert(a[5])) convert(a[5], depth + 1);  // the backward hooks, as the Interpreter would
+    py::object dtype = form == 3 ? convert(a[6], depth + 1) : facts->second.dtype;
+    if (form == 3 && !py::type::of(dtype).is(dtype_type_)) return {};
+    if (!view_fits(offset, size, stride, dtype_facts(dtype).itemsize, facts->second.nbytes)) {
+      return {};  // plan.check_view reports it, with the key
+    }
+    py::object record = make_tensor_record_.make({facts->second.storage, dtype, py::int_(offset), as_tuple(size),
+                                                  as_tuple(stride),
+                                                  py::bool_(requires_grad != nullptr && requires_grad->flag),
+                                                  py::none()});
+    tensor_records_.append(record);  // its view is checked: not among the Interpreter's unchecked
+    return record;
+  }
+
+  // An empty dict or OrderedDict nothing was done to: converting it can neither fail nor
+  // matter unless something reaches it (and then convert makes it on demand).
+  bool inert(pk::NodeId id) const {
+    const pk::Node& node = tree_.nodes[id];
+    return node.kind == pk::Kind::kDict && tree_.items(node).empty() && tree_.extras_of(id) == nullptr;
+  }
+
+  static bool plain_storage_key(const std::string& key) {
+    return !key.empty() && key != "." && key != ".." && key.find_first_of(std::string("/\\\0", 3)) == std::string::npos;
+  }
+
+  py::object storage_ref(pk::NodeId pid_id, int depth) {
+    const pk::Node* pid = node_of_kind(pid_id, pk::Kind::kTuple);
+    if (pid == nullptr) return {};
+    const std::vector<pk::NodeId>& p = tree_.items(*pid);
+    if (p.size() != 5 && !(p.size() == 6 && tree_.nodes[p[5]].kind == pk::Kind::kNone)) return {};
+    const pk::Node* tag = node_of_kind(p[0], pk::Kind::kString);
+    const pk::Node* type = node_of_kind(p[1], pk::Kind::kGlobal);
+    const pk::Node* key = node_of_kind(p[2], pk::Kind::kString);
+    const pk::Node* location = node_of_kind(p[3], pk::Kind::kString);
+    int64_t numel;
+    if (tag == nullptr || type == nullptr || type->opaque || key == nullptr || location == nullptr ||
+        !non_negative_int(p[4], &numel) || tree_.text(*tag) != "storage" || !plain_storage_key(tree_.text(*key))) {
+      return {};
+    }
+    std::string type_name = tree_.text(*type);
+    type_name[type_name.find('\n')] = '.';
+    PyObject* found = PyDict_GetItemString(storage_types_.ptr(), type_name.c_str());
+    if (found == nullptr) return {};
+    py::object dtype = py::reinterpret_borrow<py::object>(found);
+    py::object key_text = convert(p[2], depth + 1);
+    py::object location_text = convert(p[3], depth + 1);
+    py::object record;
+    if (zip_directory_) {
+      record = zip_storage(tree_.text(*key), key_text, dtype, location_text, numel);
+      if (!record) return {};
+    } else {  // the legacy format: its own persistent_load, which the Interpreter would call
+      try {
+        record = persistent_load_(key_text, dtype, location_text, numel, py::none());
+      } catch (py::error_already_set&) {
+        return {};  // the Interpreter raises it again, with the pickle offset
+      }
+    }
+    py::object ref = make_storage_ref_.make({record, dtype});
+    ref_facts_.emplace(ref.ptr(), RefFacts{record, dtype, record.attr("nbytes").cast<int64_t>()});
+    return ref;
+  }
+
+  // zip_format's persistent_load for a well-formed id, straight from the native directory.
+  py::object zip_storage(const std::string& key, const py::object& key_text, const py::object& dtype,
+                         const py::object& location, int64_t numel) {
+    PyObject* known = PyDict_GetItemWithError(zip_storages_.ptr(), key_text.ptr());
+    if (known != nullptr) return py::reinterpret_borrow<py::object>(known);
+    if (PyErr_Occurred()) throw py::error_already_set();
+    const std::string name = zip_top_ + "/data/" + key;
+    const ZipEntry* entry = zip_directory_->find(name);
+    if (entry == nullptr) return {};
+    const DTypeFacts facts = dtype_facts(dtype);
+    const unsigned __int128 nbytes = static_cast<unsigned __int128>(numel) * facts.itemsize;
+    if (nbytes > entry->size) return {};
+    py::object record = make_storage_record_.make(
+        {key_text, dtype, py::int_(static_cast<uint64_t>(nbytes)), location, py::str(name), py::int_(entry->data_offset),
+         py::int_(entry->compressed_size), py::int_(entry->method), py::int_(entry->crc32),
+         py::bool_(zip_big_endian_ && facts.swap_width > 1), py::int_(entry->size), py::none(), py::int_(0)});
+    zip_storages_[key_text] = record;
+    return record;
+  }
+
+  struct DTypeFacts {
+    int64_t itemsize;
+    int64_t swap_width;  // bytes per unit swapped for a big-endian file (half for complex)
+  };
+
+  DTypeFacts dtype_facts(const py::object& dtype) {
+    const auto found = dtype_facts_.find(dtype.ptr());
+    if (found != dtype_facts_.end()) return found->second;
+    const int64_t itemsize = dtype.attr("itemsize").cast<int64_t>();
+    const DTypeFacts facts{itemsize, dtype.attr("is_complex").cast<bool>() ? itemsize / 2 : itemsize};
+    dtype_facts_.emplace(dtype.ptr(), facts);  // DType objects live as long as the module
+    return facts;
   }
 
   void apply_extras(const py::object& target, const pk::Extras& extras, int depth) {
@@ -192,6 +433,21 @@ class TreeConverter {
   int max_nesting_;
   std::vector<py::object> built_;
   py::object ordered_dict_, counter_, int_from_bytes_, call_at_, persistent_at_, build_at_;
+  py::object tensor_record_, storage_ref_, dtype_type_, storage_types_, persistent_load_;
+  py::list tensor_records_;
+  std::shared_ptr<ZipDirectory> zip_directory_;
+  std::string zip_top_;
+  bool zip_big_endian_ = false;
+  py::dict zip_storages_;
+  RecordFactory make_tensor_record_, make_storage_ref_, make_storage_record_;
+  // What the fast path knows of the StorageRefs it made, so tensors need no attribute lookups.
+  struct RefFacts {
+    py::object storage;
+    py::object dtype;
+    int64_t nbytes;
+  };
+  std::unordered_map<PyObject*, RefFacts> ref_facts_;
+  std::unordered_map<PyObject*, DTypeFacts> dtype_facts_;
 };
 
 template <typename Set>

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <unordered_set>
 
 #include "core/error.h"
+#include "core/parallel.h"
 
 namespace pyckpt {
 namespace {
@@ -85,8 +87,7 @@ Zip64Values zip64_extra(const uint8_t* extra, uint64_t length, const std::string
   fail("zip64 sizes are missing from the record's extra field", name);
 }
 
-ZipEntry parse_central(const std::vector<uint8_t>& directory, uint64_t& pos,
-                       const ByteSource& source, uint64_t cd_offset) {
+ZipEntry parse_central(const std::vector<uint8_t>& directory, uint64_t& pos, uint64_t cd_offset) {
   if (pos + kCentralSize > directory.size()) fail("central directory is truncated");
   const uint8_t* p = directory.data() + pos;
   if (!has_signature(p, 1, 2)) {
@@ -136,7 +137,21 @@ ZipEntry parse_central(const std::vector<uint8_t>& directory, uint64_t& pos,
     fail("local header offset " + str(header_offset) + " is not before the central directory",
          name);
   }
-  const std::vector<uint8_t> local = source.read(header_offset, kLocalSize);
+  entry.compressed_size = compressed;
+  entry.size = size;
+  entry.header_offset = header_offset;
+  pos = end;
+  return entry;
+}
+
+// The record's local header: where its data starts, and that it names the same record. One
+// read covers the fixed header and the name in the usual case.
+void resolve_local(ZipEntry& entry, const ByteSource& source, uint64_t cd_offset) {
+  const std::string& name = entry.name;
+  const uint64_t header_offset = entry.header_offset;
+  const uint64_t compressed = entry.compressed_size;
+  const bool together = cd_offset - header_offset >= kLocalSize + name.size();
+  const std::vector<uint8_t> local = source.read(header_offset, together ? kLocalSize + name.size() : kLocalSize);
   if (!has_signature(local.data(), 3, 4)) {
     fail("no local header at offset " + str(header_offset), name);
   }
@@ -148,17 +163,16 @@ ZipEntry parse_central(const std::vector<uint8_t>& directory, uint64_t& pos,
              ") runs into the central directory at offset " + str(cd_offset),
          name);
   }
-  const std::vector<uint8_t> local_name = source.read(header_offset + kLocalSize, local_name_length);
-  if (local_name.size() != name.size() ||
-      std::memcmp(local_name.data(), name.data(), name.size()) != 0) {
-    fail("local header names a different record", name);
+  bool same_name;
+  if (together && local_name_length == name.size()) {
+    same_name = std::memcmp(local.data() + kLocalSize, name.data(), name.size()) == 0;
+  } else {
+    const std::vector<uint8_t> local_name = source.read(header_offset + kLocalSize, local_name_length);
+    same_name = local_name.size() == name.size() &&
+                std::memcmp(local_name.data(), name.data(), name.size()) == 0;
   }
-  entry.compressed_size = compressed;
-  entry.size = size;
-  entry.header_offset = header_offset;
+  if (!same_name) fail("local header names a different record", name);
   entry.data_offset = data_offset;
-  pos = end;
-  return entry;
 }
 
 void check_no_overlap(const std::vector<ZipEntry>& entries) {
@@ -182,7 +196,7 @@ void check_no_overlap(const std::vector<ZipEntry>& entries) {
 
 }  // namespace
 
-std::vector<ZipEntry> read_zip_entries(const ByteSource& source) {
+std::vector<ZipEntry> read_zip_entries(const ByteSource& source, int threads) {
   const uint64_t size = source.size();
   if (size < kEocdSize) {
     fail("not a zip archive: " + str(size) + " bytes is too short for an end record");
@@ -250,17 +264,41 @@ std::vector<ZipEntry> read_zip_entries(const ByteSource& source) {
          " bytes hold fewer");
   }
   const std::vector<uint8_t> directory = source.read(cd_offset, cd_size);
+  // The central directory first (no I/O), stopping at its first fault; then every local
+  // header up to there, on several threads. The fault reported is the one a serial reader
+  // meets first: entry by entry, central record, then local header, then the duplicate check.
   std::vector<ZipEntry> result;
   result.reserve(static_cast<size_t>(entries));
   std::unordered_set<std::string> seen;
+  std::exception_ptr central_error;
   uint64_t pos = 0;
   for (uint64_t i = 0; i < entries; ++i) {
-    ZipEntry entry = parse_central(directory, pos, source, cd_offset);
-    if (!seen.insert(entry.name).second) {
-      fail("record '" + entry.name + "' appears twice in the central directory");
+    try {
+      result.push_back(parse_central(directory, pos, cd_offset));
+    } catch (const CheckpointError&) {
+      central_error = std::current_exception();
+      break;
     }
-    result.push_back(std::move(entry));
+    if (!seen.insert(result.back().name).second) {
+      central_error = std::make_exception_ptr(CheckpointError(
+          ErrorKind::kCorrupt, "record '" + result.back().name + "' appears twice in the central directory"));
+      break;
+    }
   }
+  std::vector<std::exception_ptr> local_errors(result.size());
+  parallel_for<NoScratch>(result.size(), threads, [&](size_t i, NoScratch&) {
+    try {
+      resolve_local(result[i], source, cd_offset);
+    } catch (const CheckpointError&) {
+      local_errors[i] = std::current_exception();
+    }
+  });
+  // Every entry in `result` had its local header read before the central fault (which is at
+  // the next entry) or the duplicate check (which is of the last one), as a serial reader.
+  for (const std::exception_ptr& error : local_errors) {
+    if (error) std::rethrow_exception(error);
+  }
+  if (central_error) std::rethrow_exception(central_error);
   check_no_overlap(result);
   return result;
 }

@@ -24,7 +24,8 @@ struct ZipEntry {
   uint64_t data_offset = 0;  // first byte of the record's data
 };
 
-// All entries in central-directory order, data offsets resolved from the local headers.
-std::vector<ZipEntry> read_zip_entries(const ByteSource& source);
+// All entries in central-directory order, data offsets resolved from the local headers
+// (read on up to `threads` threads).
+std::vector<ZipEntry> read_zip_entries(const ByteSource& source, int threads = 1);
 
 }  // namespace pyckpt

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from typing import Any
 
 from .._units import human_bytes
@@ -36,11 +37,25 @@ def run(args: argparse.Namespace) -> int:
 
     info = inspect_checkpoint(args.path, rows=None if args.all else DEFAULT_ROWS)
     if args.json:
-        json.dump(info, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(to_json(info))
     else:
         sys.stdout.write(render(info))
     return 0
+
+
+def to_json(info: dict[str, Any]) -> str:
+    """The document indented, except the tensor table: one compact row per line.
+
+    json's indenting encoder is pure Python; with 50,000 rows it would take longer than
+    reading the checkpoint, while the C encoder writes a row in microseconds.
+    """
+    table = info["table"]
+    if not table:
+        return json.dumps(info, indent=2) + "\n"
+    placeholder = f"pyckpt-table-{uuid.uuid4().hex}"  # cannot occur anywhere else in the document
+    head = json.dumps({**info, "table": placeholder}, indent=2)
+    rows = ",\n".join("    " + json.dumps(row) for row in table)
+    return head.replace(json.dumps(placeholder), "[\n" + rows + "\n  ]", 1) + "\n"
 
 
 def render(info: dict[str, Any]) -> str:

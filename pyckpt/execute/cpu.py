@@ -54,6 +54,30 @@ def read_storages(
     index: CheckpointIndex, records: list[StorageRecord], backend: Backend
 ) -> dict[str, torch.UntypedStorage]:
     """Fresh host storages holding ``records``' bytes in native byte order, by storage key."""
+    raw = [r for r in records if r.method != METHOD_DEFLATE and not r.byteswap and r.nbytes < BULK_LIMIT]
+    result: dict[str, torch.UntypedStorage] = {}
+    if raw:  # stored records: allocated and read in bulk
+        try:
+            storages = backend.read_fresh(index.source, [(r.data_offset, r.nbytes) for r in raw])
+        except (RuntimeError, MemoryError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            total = sum(r.nbytes for r in raw)
+            raise CheckpointError(f"cannot allocate {total} bytes for {len(raw)} storages: {exc}") from None
+        result.update(zip([r.key for r in raw], storages))
+    rest = [r for r in records if r.key not in result]
+    if rest:
+        result.update(_read_one_by_one(index, rest, backend))
+    return result
+
+
+# Larger storages are allocated one by one, so a failed allocation names its storage.
+BULK_LIMIT = 1 << 30
+
+
+def _read_one_by_one(
+    index: CheckpointIndex, records: list[StorageRecord], backend: Backend
+) -> dict[str, torch.UntypedStorage]:
     buffers = {record.key: allocate_bytes(record.nbytes, record) for record in records}
     run_copy_jobs(index.source, [CopyJob(r, 0, buffers[r.key]) for r in records], backend)
     result = {key: buffer.untyped_storage() for key, buffer in buffers.items()}

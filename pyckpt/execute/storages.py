@@ -26,12 +26,11 @@ def execute_plan(
 ) -> dict[str, torch.UntypedStorage]:
     """Storages by key; ``shared_mapping`` maps the file MAP_SHARED (writes reach it)."""
     result: dict[str, torch.UntypedStorage] = {}
-    mapped = [p for p in plans.values() if p.how == HOW_MAP]
+    mapped = [p.record for p in plans.values() if p.how == HOW_MAP]
     if mapped:
         mapping = backend.map_file(index.source, shared=shared_mapping)
-        for plan in mapped:
-            record = plan.record
-            result[record.key] = mapping[record.data_offset : record.data_offset + record.nbytes]
+        slices = backend.slice_storage(mapping, [(record.data_offset, record.nbytes) for record in mapped])
+        result.update(zip([record.key for record in mapped], slices))
 
     to_read = [p for p in plans.values() if p.how in (HOW_READ, HOW_RESTORE)]
     cpu_targets = [p for p in to_read if p.device is None or p.device.type == "cpu"]

@@ -20,6 +20,7 @@ __all__ = [
     "FORMAT_ZIP",
     "CheckpointIndex",
     "index_checkpoint",
+    "index_opened",
     "index_source",
 ]
 
@@ -36,10 +37,15 @@ def index_checkpoint(
     """
     source = open_source(f)
     try:
-        index = index_source(source, backend, policy=policy)
+        return index_opened(source, backend, policy=policy)
     except BaseException:
         source.close()
         raise
+
+
+def index_opened(source: Source, backend: Backend | None = None, *, policy: GlobalsPolicy | None = None) -> CheckpointIndex:
+    """:func:`index_checkpoint` of a source already open (the index then owns it)."""
+    index = index_source(source, backend, policy=policy)
     if isinstance(source, BufferSource):
         source.leave_stream_at(index.end if index.end is not None else source.size)
     return index

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +27,13 @@ class CheckpointIndex:
     storages: dict[str, StorageRecord]
     byteorder: str = "little"
     top_folder: str | None = None
-    entries: dict[str, ZipEntry] = field(default_factory=dict)
+    entries: Mapping[str, ZipEntry] = field(default_factory=dict)
     # Globals kept opaque (beyond the allowlist and not trusted), with how often each is named.
     unknown_globals: dict[str, int] = field(default_factory=dict)
+    # Every dense tensor record the pickle made (reachable or not: torch builds them all), and
+    # those whose view against its storage is still to be checked by the plan.
+    tensor_records: list[Any] = field(default_factory=list)
+    unchecked_views: list[Any] = field(default_factory=list)
     # Where the checkpoint ends within the source (a stream holding several checkpoints is
     # left positioned there, as torch leaves it).
     end: int | None = None

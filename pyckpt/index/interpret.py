@@ -73,6 +73,12 @@ class Interpreter:
         self.policy = policy if policy is not None else GlobalsPolicy()
         # Globals kept opaque that are not user-trusted, with how often the pickle names them.
         self.unknown_names: dict[str, int] = {}
+        # Every dense tensor record made, in order, and those whose view is not checked yet
+        # (the native converter checks the views of the records it makes itself).
+        self.tensor_records: list[TensorRecord] = []
+        self.unchecked_views: list[TensorRecord] = []
+        # Set by the zip index: lets the native converter make storage records itself.
+        self.zip_storages: Any = None
         self._classes: dict[tuple[str, str], Any] = {}
 
     # -- GLOBAL -----------------------------------------------------------------------
@@ -127,6 +133,16 @@ class Interpreter:
         if isinstance(obj, Opaque) and not obj.called:
             return obj.qualified_name
         return None
+
+    def fast_path(self) -> tuple[Any, ...]:
+        """What the native tree converter needs to build the common records itself.
+
+        It handles only well-formed ``_rebuild_tensor(_v2/_v3)`` calls and 5- or 6-field
+        storage persistent ids, exactly as :meth:`call` and :meth:`persistent` would, and hands
+        anything else (including everything malformed) to them, so errors stay this class's.
+        """
+        return (TensorRecord, StorageRef, DType, STORAGE_TYPES, self.persistent_load_fn, self.tensor_records,
+                self.zip_storages)
 
     # -- the entry points both VMs use, with the opcode offset for messages --------------
     def call_at(self, func: Any, args: Any, new_object: bool, offset: int, kwargs: Any = None) -> Any:
@@ -256,7 +272,7 @@ class Interpreter:
         stride_t = _int_tuple(stride, "stride")
         if len(size_t) != len(stride_t):
             raise ValueError(f"size {size_t} and stride {stride_t} differ in length")
-        return TensorRecord(
+        record = TensorRecord(
             storage=ref.storage,
             dtype=dtype if dtype is not None else ref.dtype,
             storage_offset=_index(offset, "storage offset"),
@@ -265,6 +281,9 @@ class Interpreter:
             requires_grad=_flag(requires_grad, "requires_grad"),
             metadata=metadata or None,
         )
+        self.tensor_records.append(record)
+        self.unchecked_views.append(record)
+        return record
 
     # -- BUILD ------------------------------------------------------------------------
     def build(self, obj: Any, state: Any) -> None:

@@ -133,5 +133,7 @@ def _index(source: Source, backend: Backend, head: bytes, policy: GlobalsPolicy 
         root=root,
         storages={**storages, **views},
         unknown_globals=interpreter.unknown_names,
+        tensor_records=interpreter.tensor_records,
+        unchecked_views=interpreter.unchecked_views,
         end=pos,
     )

@@ -2,23 +2,59 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
 from . import allowlist as names
+from .._env import io_threads
 from .interpret import Interpreter
 from .policy import BLOCKED_MODULES, MAX_NESTING, PY2_MODULES
-from .py_zip import decode_name
 from .records import ZipEntry
 from .source import FileSource, Source
 
 
-def zip_entries(native: ModuleType, source: Source) -> list[ZipEntry]:
+def zip_entries(native: ModuleType, source: Source) -> NativeZipEntries:
+    threads = io_threads()
     if isinstance(source, FileSource):
-        raw = native.zip_entries_fd(source.fd, source.size)
-    else:
-        raw = native.zip_entries_buffer(source.buffer())
-    return [ZipEntry(decode_name(name), *rest) for name, *rest in raw]
+        return NativeZipEntries(native.zip_directory_fd(source.fd, source.size, threads))
+    return NativeZipEntries(native.zip_directory_buffer(source.buffer(), threads))
+
+
+class NativeZipEntries(Mapping[str, ZipEntry]):
+    """The central directory, kept natively: a ZipEntry is made only when Python asks for it.
+
+    The tree converter looks storage records up in ``directory`` itself, so a checkpoint of
+    50,000 tensors makes no Python object per record to index them.
+    """
+
+    def __init__(self, directory: Any) -> None:
+        self.directory = directory
+        self._made: dict[str, ZipEntry] = {}
+        self._names: list[str] | None = None
+
+    def __getitem__(self, name: str) -> ZipEntry:
+        entry = self._made.get(name)
+        if entry is None:
+            raw = self.directory.entry(name) if isinstance(name, str) else None
+            if raw is None:
+                raise KeyError(name)
+            entry = self._made[name] = ZipEntry(*raw)
+        return entry
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (name in self._made or self.directory.entry(name) is not None)
+
+    def __iter__(self) -> Iterator[str]:
+        if self._names is None:
+            self._names = self.directory.names()
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self.directory)
+
+    def values(self) -> list[ZipEntry]:  # type: ignore[override]
+        return [ZipEntry(*raw) for raw in self.directory.all()]
 
 
 def unpickle(native: ModuleType, data: bytes, interpreter: Interpreter, *, start: int = 0) -> tuple[Any, int]:

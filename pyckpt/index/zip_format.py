@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
@@ -20,14 +21,13 @@ PICKLE_LIMIT = 1 << 31
 
 
 def index_zip(source: Source, backend: Backend, policy: GlobalsPolicy | None = None) -> CheckpointIndex:
-    entries_list = backend.zip_entries(source)
-    if not entries_list:
+    entries = backend.zip_entries(source)
+    if not entries:
         raise CheckpointError("zip archive has no records, so it is not a torch checkpoint")
-    first = entries_list[0].name
+    first = next(iter(entries))
     if "/" not in first:
         raise CheckpointError(f"zip records are not under a top folder (first record '{first}')")
     top = first.split("/", 1)[0]
-    entries = {entry.name: entry for entry in entries_list}
     data_name = f"{top}/data.pkl"
     if data_name not in entries:
         raise CheckpointError(f"no '{data_name}' record: this zip is not a torch checkpoint")
@@ -81,6 +81,11 @@ def index_zip(source: Source, backend: Backend, policy: GlobalsPolicy | None = N
     if entries[data_name].method != METHOD_STORED:
         policy = for_compressed_pickle(policy, entries[data_name].compressed_size)
     interpreter = Interpreter(persistent_load, torchscript=torchscript, policy=policy)
+    directory = getattr(entries, "directory", None)
+    if directory is not None:
+        # The native converter makes the records persistent_load would make, for well-formed
+        # ids, straight from the native directory (it falls back to persistent_load otherwise).
+        interpreter.zip_storages = ZipStorages(directory, top, byteorder == "big", storages)
     try:
         root, _ = backend.unpickle(pickle_bytes, interpreter)
     except CheckpointError as exc:
@@ -94,6 +99,8 @@ def index_zip(source: Source, backend: Backend, policy: GlobalsPolicy | None = N
         top_folder=top,
         entries=entries,
         unknown_globals=interpreter.unknown_names,
+        tensor_records=interpreter.tensor_records,
+        unchecked_views=interpreter.unchecked_views,
         end=source.size,
     )
     if torchscript:
@@ -101,6 +108,17 @@ def index_zip(source: Source, backend: Backend, policy: GlobalsPolicy | None = N
 
         index.root = script_state_dict(index)
     return index
+
+
+@dataclass(frozen=True)
+class ZipStorages:
+    """What the native tree converter needs to make zip storage records as persistent_load does."""
+
+    directory: Any  # pyckpt._core.ZipDirectory
+    top: str
+    big_endian: bool
+    storages: dict[str, StorageRecord]  # shared with persistent_load: one table
+    record_type: type = StorageRecord
 
 
 def default_load_byteorder() -> str:

@@ -21,8 +21,11 @@ from .torch_values import torch_dtype, torch_object, user_trusted_globals
 
 
 class ObjectBuilder:
-    def __init__(self, storages: dict[str, torch.UntypedStorage]) -> None:
+    def __init__(self, storages: dict[str, torch.UntypedStorage], prebuilt: dict[int, torch.Tensor] | None = None) -> None:
         self.storages = storages
+        # Tensors made in bulk beforehand, by id(record): every record is built once, so a
+        # record's entry is used at most once and identity is kept as with self.built.
+        self.prebuilt = prebuilt or {}
         self.built: dict[int, Any] = {}
         self.key = ""
         self.trusted = user_trusted_globals()
@@ -46,7 +49,13 @@ class ObjectBuilder:
         elif kind is dict or kind is OrderedDict or kind is Counter:
             result = kind()
             self.built[id(value)] = result
+            prebuilt = self.prebuilt
             for key, item in value.items():
+                # A state dict: tensors made in bulk go in as they are, without a call per entry.
+                made = prebuilt.get(id(item)) if type(item) is TensorRecord and type(key) is str else None
+                if made is not None:
+                    result[key] = made
+                    continue
                 child = key if isinstance(key, str) else repr(key)
                 result[self._build(key, path)] = self._build(item, f"{path}/{child}" if path else child)
             extra = getattr(value, "__dict__", None)
@@ -134,6 +143,9 @@ class ObjectBuilder:
         return result
 
     def _tensor(self, record: TensorRecord, path: str) -> torch.Tensor:
+        made = self.prebuilt.get(id(record))
+        if made is not None:
+            return made
         storage = self.storages[record.storage.key]
         tensor = torch.empty((0,), dtype=torch_dtype(record.dtype), device=storage.device)
         try:
@@ -188,5 +200,8 @@ def _apply_build(obj: Any, state: Any) -> None:
             setattr(obj, name, value)
 
 
-def build_objects(root: Any, storages: dict[str, torch.UntypedStorage]) -> Any:
-    return ObjectBuilder(storages).build(root)
+def build_objects(
+    root: Any, storages: dict[str, torch.UntypedStorage], prebuilt: dict[int, torch.Tensor] | None = None
+) -> Any:
+    """The tree with torch objects for records; ``prebuilt`` tensors (by id(record)) are used as is."""
+    return ObjectBuilder(storages, prebuilt).build(root)

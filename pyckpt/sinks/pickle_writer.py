@@ -44,7 +44,7 @@ _pack_f64 = struct.Struct(">d").pack
 class PickleWriter:
     def __init__(self) -> None:
         self.out = bytearray(b"\x80\x02")  # PROTO 2
-        self.memo: dict[int, int] = {}
+        self.memo: dict[int, bytes] = {}  # id(obj) -> the opcode that fetches it from the memo
         self.alive: list[Any] = []  # keeps memoised temporaries alive, so ids stay unique
         self.storages: dict[str, tuple[str, StorageRecord]] = {}  # source key -> (new key, record)
         self.bare_globals: dict[tuple[str, str], Opaque] = {}  # one object per class, memoised once
@@ -52,15 +52,15 @@ class PickleWriter:
     # -- memo ---------------------------------------------------------------------------
     def _memoize(self, obj: Any) -> None:
         index = len(self.memo)
-        self.memo[id(obj)] = index
+        self.memo[id(obj)] = b"h" + bytes((index,)) if index < 256 else b"j" + _pack_u32(index)
         self.alive.append(obj)
-        self.out += b"q" + bytes([index]) if index < 256 else b"r" + _pack_u32(index)
+        self.out += b"q" + bytes((index,)) if index < 256 else b"r" + _pack_u32(index)
 
     def _recall(self, obj: Any) -> bool:
-        index = self.memo.get(id(obj))
-        if index is None:
+        fetch = self.memo.get(id(obj))
+        if fetch is None:
             return False
-        self.out += b"h" + bytes([index]) if index < 256 else b"j" + _pack_u32(index)
+        self.out += fetch
         return True
 
     # -- values -------------------------------------------------------------------------
@@ -252,8 +252,22 @@ class PickleWriter:
             storage_type, numel = symbol(f"torch.{dtype.storage_class}"), record.nbytes // dtype.itemsize
         else:
             storage_type, numel = symbol(UNTYPED_STORAGE), record.nbytes
-        self.save(("storage", storage_type, key[0], record.location, numel))
-        self.out += b"Q"  # BINPERSID
+        # The id tuple is written unmemoised: nothing refers to it again.
+        self.out += b"("
+        self._save_memoised("storage")
+        self._save_memoised(storage_type)
+        encoded = key[0].encode("ascii")  # "0", "1", ...: new for every storage, never memoised
+        self.out += b"X" + _pack_u32(len(encoded)) + encoded
+        self._save_memoised(record.location)
+        self.out += _int_bytes(numel) + b"tQ"  # BINPERSID
+
+    def _save_memoised(self, obj: Any) -> None:
+        """``save`` for an object written many times (a symbol, "storage", "cpu")."""
+        fetch = self.memo.get(id(obj))
+        if fetch is None:
+            self.save(obj)
+        else:
+            self.out += fetch
 
     def _tensor(self, record: TensorRecord) -> None:
         storage = record.storage
@@ -264,18 +278,53 @@ class PickleWriter:
             storage_offset += storage.view_start // record.dtype.itemsize
             storage = storage.view_of
         # v2 when the storage's typed class already says the dtype; v3 carries it explicitly.
-        typed = record.dtype == storage.dtype and storage.dtype.storage_class is not None
-        self.save(REBUILD_V2 if typed else REBUILD_V3)
+        typed = (record.dtype is storage.dtype or record.dtype == storage.dtype) and storage.dtype.storage_class is not None
+        self._save_memoised(REBUILD_V2 if typed else REBUILD_V3)
         self.out += b"("
         self._persistent(storage)
-        for value in (storage_offset, record.size, record.stride, record.requires_grad, OrderedDict()):
-            self.save(value)
+        # Offset, size, stride and requires_grad written directly, and the empty hooks
+        # OrderedDict unmemoised: a checkpoint of 50,000 tensors is written in a fraction of
+        # the time the generic path takes, with the same opcodes torch's pickler uses.
+        self.out += (
+            _int_bytes(storage_offset)
+            + _int_tuple_bytes(record.size)
+            + _int_tuple_bytes(record.stride)
+            + (b"\x88" if record.requires_grad else b"\x89")
+        )
+        self._save_memoised(ORDERED_DICT)
+        self.out += b")R"
         if not typed:
             self.save(record.dtype)
         if record.metadata:
             self.save(record.metadata)
         self.out += b"tR"
         self._memoize(record)
+
+
+_SMALL_INTS = [b"K" + bytes((value,)) for value in range(256)]
+
+
+def _int_bytes(value: int) -> bytes:
+    """A non-negative int as the standard pickler writes it (BININT1, BININT2, BININT, LONG1)."""
+    if value < 256:
+        return _SMALL_INTS[value]
+    if value < 65536:
+        return b"M" + value.to_bytes(2, "little")
+    if value < 2**31:
+        return b"J" + value.to_bytes(4, "little")
+    encoded = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes((len(encoded),)) + encoded
+
+
+_TUPLE_OPS = (b")", b"\x85", b"\x86", b"\x87")
+
+
+def _int_tuple_bytes(values: tuple[int, ...]) -> bytes:
+    """A tuple of non-negative ints (a size or a stride), unmemoised."""
+    body = b"".join([_SMALL_INTS[v] if v < 256 else _int_bytes(v) for v in values])
+    if len(values) <= 3:
+        return body + _TUPLE_OPS[len(values)]
+    return b"(" + body + b"t"
 
 
 def pickle_tree(root: Any) -> tuple[bytes, list[tuple[str, StorageRecord]]]:

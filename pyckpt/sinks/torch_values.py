@@ -29,6 +29,14 @@ def torch_dtype(dtype: DType) -> torch.dtype:
     return value
 
 
+@functools.lru_cache(maxsize=1)
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """Every dtype the index knows that this torch has, by name."""
+    from ..index.symbols import DTYPES
+
+    return {name: value for name in DTYPES if isinstance(value := getattr(torch, name, None), torch.dtype)}
+
+
 def same_dtype(dtype: DType, value: torch.dtype) -> bool:
     return getattr(torch, dtype.name, None) == value
 

@@ -1,0 +1,59 @@
+#include "bindings/py_zip.h"
+
+#include <utility>
+
+namespace py = pybind11;
+
+namespace pyckpt::bindings {
+namespace {
+
+// Record names are UTF-8 in every torch writer; others go through Python's own cp437
+// decoding (pyckpt.index.py_zip.decode_name), rare enough that the import costs nothing.
+std::string decoded_utf8(const std::string& raw) {
+  PyObject* text = PyUnicode_DecodeUTF8(raw.data(), static_cast<Py_ssize_t>(raw.size()), "strict");
+  if (text != nullptr) {
+    Py_DECREF(text);
+    return raw;
+  }
+  PyErr_Clear();
+  py::object decode = py::module_::import("pyckpt.index.py_zip").attr("decode_name");
+  return decode(py::bytes(raw)).cast<std::string>();
+}
+
+}  // namespace
+
+ZipDirectory::ZipDirectory(std::vector<ZipEntry> entries) : entries_(std::move(entries)) {
+  decoded_.reserve(entries_.size());
+  by_name_.reserve(entries_.size());
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    decoded_.push_back(decoded_utf8(entries_[i].name));
+    by_name_.emplace(decoded_.back(), i);
+  }
+}
+
+const ZipEntry* ZipDirectory::find(const std::string& decoded_name) const {
+  const auto found = by_name_.find(decoded_name);
+  return found == by_name_.end() ? nullptr : &entries_[found->second];
+}
+
+py::object ZipDirectory::entry(const std::string& decoded_name) const {
+  const auto found = by_name_.find(decoded_name);
+  if (found == by_name_.end()) return py::none();
+  const ZipEntry& e = entries_[found->second];
+  return py::make_tuple(py::str(decoded_[found->second]), e.method, e.flags, e.crc32, e.compressed_size, e.size,
+                        e.header_offset, e.data_offset);
+}
+
+py::list ZipDirectory::names() const {
+  py::list result;
+  for (const std::string& name : decoded_) result.append(py::str(name));
+  return result;
+}
+
+py::list ZipDirectory::all() const {
+  py::list result;
+  for (const std::string& name : decoded_) result.append(entry(name));
+  return result;
+}
+
+}  // namespace pyckpt::bindings
