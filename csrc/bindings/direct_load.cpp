@@ -17,6 +17,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -58,6 +59,7 @@ struct Value {
 struct Tuple {
   std::vector<Value> items;
   py::object object;
+  bool consumed = false;  // its items were dropped after use: fetched again, the general path runs
 };
 
 class DirectLoader {
@@ -142,7 +144,21 @@ class DirectLoader {
   py::object materialize(Value& value);
   void memo_store(uint32_t index) {
     if (++values_ > max_values_) give_up();
-    memo_[index] = top();
+    Value& value = top();
+    // Picklers number the memo densely; a file that does not is left to the general path.
+    if (index > 2 * memo_.size() + 1024) give_up();
+    if (index >= memo_.size()) memo_.resize(index + 1);
+    // Only what the pickle fetches again is kept: picklers memoise every tensor's tuples,
+    // and keeping them all would cost more memory than the tensors themselves.
+    if (index < fetched_.size() && fetched_[index]) memo_[index] = value;
+  }
+  void scan_fetches();
+  static void consume(Value& value) {  // a tuple used up as arguments: its items are not kept
+    if (value.kind == Value::Kind::kTuple && !value.tuple->object) {
+      value.tuple->items.clear();
+      value.tuple->items.shrink_to_fit();
+      value.tuple->consumed = true;
+    }
   }
   static Value tuple_of(std::vector<Value> items) {
     Value value;
@@ -154,7 +170,7 @@ class DirectLoader {
   Value reduce(Value func, Value args);
   Value tensor(Global form, std::vector<Value>& args);
   Value persistent(Value pid);
-  int64_t storage_for(const std::string& key, const Value& type, const std::string& location, int64_t numel);
+  int64_t storage_for(std::string_view key, const Value& type, int64_t numel);
   void set_items(Value& target, std::vector<Value>& items);
   void append(Value& target, std::vector<Value>& items);
   py::object run();
@@ -171,14 +187,19 @@ class DirectLoader {
   bool default_little_ = true;
 
   std::vector<ZipEntry> entries_;
-  std::unordered_map<std::string, size_t> by_name_;
+  std::unordered_map<std::string, size_t> by_name_;  // the few records read by name
   std::string top_;
+  // Storage records by key (the name after "<top>/data/"), viewing entries_' names; and the
+  // storage made for each record, if any.
+  std::unordered_map<std::string_view, size_t> by_key_;
+  std::vector<int64_t> slot_of_entry_;
 
   const uint8_t* data_ = nullptr;
   size_t end_ = 0, pos_ = 0;
   std::vector<Value> stack_;
   std::vector<size_t> marks_;
-  std::unordered_map<uint32_t, Value> memo_;
+  std::vector<Value> memo_;  // index -> value; kind kObject with no object: never stored
+  std::vector<bool> fetched_;  // memo indices the pickle fetches (BINGET / LONG_BINGET)
   uint64_t values_ = 0;
 
   struct Slot {
@@ -236,6 +257,7 @@ py::object DirectLoader::materialize(Value& value) {
       if (!value.object) value.object = py::int_(value.integer);
       return value.object;
     case Value::Kind::kTuple:
+      if (value.tuple->consumed) give_up();
       if (!value.tuple->object) {
         std::vector<Value>& items = value.tuple->items;
         py::tuple tuple(items.size());
@@ -248,16 +270,13 @@ py::object DirectLoader::materialize(Value& value) {
   }
 }
 
-int64_t DirectLoader::storage_for(const std::string& key, const Value& type, const std::string& location,
-                                  int64_t numel) {
-  const auto known = storage_index_.find(key);
-  if (known != storage_index_.end()) return known->second;
-  if (location != "cpu" || key.empty() || key == "." || key == ".." ||
-      key.find_first_of(std::string("/\\\0", 3)) != std::string::npos) {
-    give_up();
-  }
-  const ZipEntry* entry = find(top_ + "/data/" + key);
-  if (entry == nullptr || entry->method != kMethodStored) give_up();
+int64_t DirectLoader::storage_for(std::string_view key, const Value& type, int64_t numel) {
+  const auto found = by_key_.find(key);
+  if (found == by_key_.end()) give_up();
+  const size_t entry_index = found->second;
+  if (slot_of_entry_[entry_index] >= 0) return slot_of_entry_[entry_index];
+  const ZipEntry* entry = &entries_[entry_index];
+  if (entry->method != kMethodStored) give_up();
   const unsigned __int128 nbytes = static_cast<unsigned __int128>(numel) * static_cast<uint64_t>(type.integer);
   if (nbytes > entry->size) give_up();
   Slot slot{at::Storage(), static_cast<uint64_t>(nbytes)};
@@ -268,29 +287,40 @@ int64_t DirectLoader::storage_for(const std::string& key, const Value& type, con
     if (slot.nbytes) reads_.push_back({entry->data_offset, slot.nbytes, static_cast<uint8_t*>(slot.storage.mutable_data())});
   }
   storages_.push_back(std::move(slot));
-  const int64_t index = static_cast<int64_t>(storages_.size() - 1);
-  storage_index_.emplace(key, index);
-  return index;
+  slot_of_entry_[entry_index] = static_cast<int64_t>(storages_.size() - 1);
+  return slot_of_entry_[entry_index];
+}
+
+std::string_view utf8_of(const py::object& text) {
+  Py_ssize_t length = 0;
+  const char* data = PyUnicode_AsUTF8AndSize(text.ptr(), &length);
+  if (data == nullptr) {
+    PyErr_Clear();
+    give_up();
+  }
+  return {data, static_cast<size_t>(length)};
 }
 
 bool is_string(const Value& value) { return value.kind == Value::Kind::kObject && PyUnicode_CheckExact(value.object.ptr()); }
 
 Value DirectLoader::persistent(Value pid) {
-  if (pid.kind != Value::Kind::kTuple) give_up();
+  if (pid.kind != Value::Kind::kTuple || pid.tuple->consumed) give_up();
   std::vector<Value>& p = pid.tuple->items;
   if (p.size() != 5 && !(p.size() == 6 && p[5].kind == Value::Kind::kObject && p[5].object.is_none())) give_up();
-  if (!is_string(p[0]) || p[0].object.cast<std::string>() != "storage") give_up();
+  if (!is_string(p[0]) || utf8_of(p[0].object) != "storage") give_up();
   if (p[1].kind != Value::Kind::kGlobal || p[1].global != Global::kStorageType) give_up();
   if (!is_string(p[2]) || !is_string(p[3]) || p[4].kind != Value::Kind::kInt || p[4].integer < 0) give_up();
+  if (utf8_of(p[3].object) != "cpu") give_up();  // storages for elsewhere: the general path
   Value storage;
   storage.kind = Value::Kind::kStorage;
-  storage.integer = storage_for(p[2].object.cast<std::string>(), p[1], p[3].object.cast<std::string>(), p[4].integer);
+  storage.integer = storage_for(utf8_of(p[2].object), p[1], p[4].integer);
   storage.dtype = p[1].dtype;
+  consume(pid);
   return storage;
 }
 
 bool int_vector(const Value& value, std::vector<int64_t>* out) {
-  if (value.kind != Value::Kind::kTuple) return false;
+  if (value.kind != Value::Kind::kTuple || value.tuple->consumed) return false;
   for (const Value& item : value.tuple->items) {
     if (item.kind != Value::Kind::kInt || item.integer < 0) return false;
     out->push_back(item.integer);
@@ -334,6 +364,8 @@ Value DirectLoader::tensor(Global form, std::vector<Value>& a) {
     if (a[6].kind != Value::Kind::kGlobal || a[6].global != Global::kDType) give_up();
     dtype = a[6].dtype;
   }
+  consume(a[2]);
+  consume(a[3]);
   const Slot& slot = storages_[static_cast<size_t>(a[0].integer)];
   if (!view_fits(a[1].integer, size, stride, static_cast<int64_t>(c10::elementSize(dtype)), slot.nbytes)) give_up();
   std::vector<at::Storage> one{slot.storage};
@@ -342,8 +374,21 @@ Value DirectLoader::tensor(Global form, std::vector<Value>& a) {
   return object(py::cast(std::move(made)));
 }
 
+// Drops a tuple's items when the call that used them returns.
+struct Consumed {
+  Value& value;
+  ~Consumed() {
+    if (value.kind == Value::Kind::kTuple && !value.tuple->object) {
+      value.tuple->items.clear();
+      value.tuple->items.shrink_to_fit();
+      value.tuple->consumed = true;
+    }
+  }
+};
+
 Value DirectLoader::reduce(Value func, Value args) {
-  if (func.kind != Value::Kind::kGlobal || args.kind != Value::Kind::kTuple) give_up();
+  if (func.kind != Value::Kind::kGlobal || args.kind != Value::Kind::kTuple || args.tuple->consumed) give_up();
+  Consumed done{args};  // the arguments are used up whatever the call
   std::vector<Value>& a = args.tuple->items;
   switch (func.global) {
     case Global::kOrderedDict:
@@ -396,9 +441,8 @@ py::object DirectLoader::run() {
       case 'h':  // BINGET
       case 'j': {  // LONG_BINGET
         const uint32_t index = op == 'h' ? *take(1) : u32();
-        const auto found = memo_.find(index);
-        if (found == memo_.end()) give_up();
-        push(found->second);
+        if (index >= memo_.size() || (memo_[index].kind == Value::Kind::kObject && !memo_[index].object)) give_up();
+        push(memo_[index]);
         break;
       }
       case 'X':  // BINUNICODE
@@ -543,6 +587,67 @@ py::object DirectLoader::run() {
   }
 }
 
+// Which memo entries the pickle ever fetches: one pass over the opcodes, sizes only. Any
+// opcode the run would not accept ends the scan (the run gives up there anyway).
+void DirectLoader::scan_fetches() {
+  size_t at = pos_;
+  auto skip = [&](size_t n) {
+    if (n > end_ - at) return false;
+    at += n;
+    return true;
+  };
+  auto u32_at = [&](size_t where) {
+    return static_cast<uint32_t>(data_[where]) | (static_cast<uint32_t>(data_[where + 1]) << 8) |
+           (static_cast<uint32_t>(data_[where + 2]) << 16) | (static_cast<uint32_t>(data_[where + 3]) << 24);
+  };
+  auto fetch = [&](uint32_t index) {
+    if (index > (uint32_t{1} << 30)) return;  // the run gives up on it
+    if (index >= fetched_.size()) fetched_.resize(static_cast<size_t>(index) + 1, false);
+    fetched_[index] = true;
+  };
+  while (at < end_) {
+    const uint8_t op = data_[at++];
+    bool ok = true;
+    switch (op) {
+      case 'q': case 'K': case 0x80: ok = skip(1); break;
+      case 'r': case 'J': ok = skip(4); break;
+      case 'M': ok = skip(2); break;
+      case 'G': ok = skip(8); break;
+      case 'h':
+        ok = at < end_;
+        if (ok) fetch(data_[at++]);
+        break;
+      case 'j':
+        ok = end_ - at >= 4;
+        if (ok) fetch(u32_at(at)), at += 4;
+        break;
+      case 'X':
+        ok = end_ - at >= 4 && skip(4) && skip(u32_at(at - 4));
+        break;
+      case 'U':
+      case 0x8A:
+        ok = at < end_ && skip(1) && skip(data_[at - 1]);
+        break;
+      case 'c': {
+        for (int line = 0; line < 2 && ok; ++line) {
+          const void* newline = std::memchr(data_ + at, '\n', end_ - at);
+          ok = newline != nullptr;
+          if (ok) at = static_cast<size_t>(static_cast<const uint8_t*>(newline) - data_) + 1;
+        }
+        break;
+      }
+      case '.':
+        return;
+      case 'N': case 0x88: case 0x89: case '(': case ')': case 't': case 0x85: case 0x86: case 0x87:
+      case ']': case '}': case 0x8F: case 'a': case 'e': case 's': case 'u': case 'R': case 'Q': case 'b':
+        break;
+      default:
+        return;
+    }
+    if (!ok) return;
+  }
+}
+
 // Deeper than the general path accepts: let it say so.
 bool DirectLoader::too_deep(const py::handle& root) const {
   std::vector<std::pair<PyObject*, int>> stack{{root.ptr(), 0}};
@@ -577,11 +682,25 @@ py::object DirectLoader::load() {
   try {
     entries_ = read_zip_entries(source_, threads_);
     if (entries_.empty()) give_up();
-    for (size_t i = 0; i < entries_.size(); ++i) by_name_.emplace(entries_[i].name, i);
     const std::string& first = entries_.front().name;
     const size_t slash = first.find('/');
     if (slash == std::string::npos) give_up();
     top_ = first.substr(0, slash);
+    const std::string data_prefix = top_ + "/data/";
+    slot_of_entry_.assign(entries_.size(), -1);
+    by_key_.reserve(entries_.size());
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      const std::string& name = entries_[i].name;
+      if (name.compare(0, data_prefix.size(), data_prefix) == 0) {
+        // Keys that are not plain record names are left to the general path's messages.
+        const std::string_view key = std::string_view(name).substr(data_prefix.size());
+        if (!key.empty() && key != "." && key != ".." && key.find_first_of(std::string_view("/\\\0", 3)) == std::string_view::npos) {
+          by_key_.emplace(key, i);
+        }
+      } else {
+        by_name_.emplace(name, i);
+      }
+    }
     if (find(top_ + "/constants.pkl") != nullptr) give_up();  // TorchScript
     const ZipEntry* byteorder = find(top_ + "/byteorder");
     if (byteorder != nullptr) {
@@ -595,6 +714,7 @@ py::object DirectLoader::load() {
     const std::vector<uint8_t> data = small_record(*pickle, uint64_t{1} << 31);
     data_ = data.data();
     end_ = data.size();
+    scan_fetches();
     py::object root = run();
     if (too_deep(root)) give_up();
     {
