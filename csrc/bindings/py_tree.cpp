@@ -328,8 +328,9 @@ class TreeConverter {
     py::object key_text = convert(p[2], depth + 1);
     py::object location_text = convert(p[3], depth + 1);
     py::object record;
+    int64_t nbytes = -1;  // known here for zip records; asked of the record otherwise
     if (zip_directory_) {
-      record = zip_storage(tree_.text(*key), key_text, dtype, location_text, numel);
+      record = zip_storage(tree_.text(*key), key_text, dtype, location_text, numel, &nbytes);
       if (!record) return {};
     } else {  // the legacy format: its own persistent_load, which the Interpreter would call
       try {
@@ -339,13 +340,14 @@ class TreeConverter {
       }
     }
     py::object ref = make_storage_ref_.make({record, dtype});
-    ref_facts_.emplace(ref.ptr(), RefFacts{record, dtype, record.attr("nbytes").cast<int64_t>()});
+    if (nbytes < 0) nbytes = record.attr("nbytes").cast<int64_t>();
+    ref_facts_.emplace(ref.ptr(), RefFacts{record, dtype, nbytes});
     return ref;
   }
 
   // zip_format's persistent_load for a well-formed id, straight from the native directory.
   py::object zip_storage(const std::string& key, const py::object& key_text, const py::object& dtype,
-                         const py::object& location, int64_t numel) {
+                         const py::object& location, int64_t numel, int64_t* nbytes_out) {
     PyObject* known = PyDict_GetItemWithError(zip_storages_.ptr(), key_text.ptr());
     if (known != nullptr) return py::reinterpret_borrow<py::object>(known);
     if (PyErr_Occurred()) throw py::error_already_set();
@@ -360,6 +362,7 @@ class TreeConverter {
          py::int_(entry->compressed_size), py::int_(entry->method), py::int_(entry->crc32),
          py::bool_(zip_big_endian_ && facts.swap_width > 1), py::int_(entry->size), py::none(), py::int_(0)});
     zip_storages_[key_text] = record;
+    *nbytes_out = static_cast<int64_t>(nbytes);
     return record;
   }
 

@@ -136,9 +136,30 @@ class Machine {
     count_value(at);
     stack_.push_back(id);
   }
+  // The memo: picklers number it densely from 0, so a vector holds it; a file that uses
+  // huge indices spills them into a map (each store still counts against the value limit).
   void memo_store(uint32_t index, NodeId id, uint64_t at) {
     count_value(at);
-    memo_[index] = id;
+    // The vector grows only as fast as entries arrive, so one huge index costs no memory.
+    if (index >= dense_memo_.size() && index <= 2 * memo_count_ + 1024) {
+      dense_memo_.resize(std::max<size_t>(index + 1, dense_memo_.size() * 2), kNoIndex);
+    }
+    if (index < dense_memo_.size()) {
+      if (dense_memo_[index] == kNoIndex && sparse_memo_.erase(index) == 0) ++memo_count_;
+      dense_memo_[index] = id;
+    } else if (sparse_memo_.insert_or_assign(index, id).second) {
+      ++memo_count_;
+    }
+  }
+  bool memo_fetch(uint32_t index, NodeId* id) const {
+    if (index < dense_memo_.size() && dense_memo_[index] != kNoIndex) {
+      *id = dense_memo_[index];
+      return true;
+    }
+    const auto found = sparse_memo_.find(index);
+    if (found == sparse_memo_.end()) return false;
+    *id = found->second;
+    return true;
   }
 
   bool at_mark_boundary() const {
@@ -220,7 +241,9 @@ class Machine {
   Tree tree_;
   std::vector<NodeId> stack_;
   std::vector<size_t> marks_;
-  std::unordered_map<uint32_t, NodeId> memo_;
+  std::vector<NodeId> dense_memo_;
+  std::unordered_map<uint32_t, NodeId> sparse_memo_;
+  size_t memo_count_ = 0;  // entries stored (MEMOIZE numbers the next one by it, as pickle does)
   uint64_t values_ = 0;
 };
 
@@ -396,7 +419,7 @@ void Machine::extended(uint8_t op, uint64_t at) {
       break;
     }
     case 0x94:  // MEMOIZE
-      memo_store(static_cast<uint32_t>(memo_.size()), top(at), at);
+      memo_store(static_cast<uint32_t>(memo_count_), top(at), at);
       break;
     case 0x95:  // FRAME: only a length hint
       take(8);
@@ -451,11 +474,9 @@ Tree Machine::run() {
       case 'h':  // BINGET
       case 'j': {  // LONG_BINGET
         const uint32_t index = op == 'h' ? *take(1) : u32();
-        const auto found = memo_.find(index);
-        if (found == memo_.end()) {
-          bad(at, "memo index " + std::to_string(index) + " was never stored");
-        }
-        push(found->second, at);
+        NodeId found;
+        if (!memo_fetch(index, &found)) bad(at, "memo index " + std::to_string(index) + " was never stored");
+        push(found, at);
         break;
       }
       case 'X': {  // BINUNICODE
