@@ -101,12 +101,13 @@ std::vector<Batch> plan_batches(const std::vector<CopyJob>& jobs) {
   return batches;
 }
 
-// A run of small jobs: gathered into one buffer (the gaps between them, which the caller
-// writes afterwards, hold zeros meanwhile), CRCs computed there, written at once.
+// A run of small jobs: gathered into one buffer, CRCs computed there, written at once. The
+// gaps between them (local headers, which the caller writes afterwards) hold whatever the
+// reused buffer held: the output is a temporary file until it is complete.
 void gather_copy(int source_fd, int dest_fd, const std::vector<CopyJob>& jobs, const Batch& batch,
-                 std::vector<uint32_t>& crcs, std::vector<uint8_t>& buffer, std::vector<uint8_t>& source) {
+                 std::vector<uint8_t>& buffer, std::vector<uint8_t>& source, std::vector<uint32_t>& crcs) {
   const uint64_t span = batch.dest_end - batch.dest_begin;
-  buffer.assign(span, 0);
+  if (buffer.size() < span) buffer.resize(span);
   const uint64_t source_begin = jobs[batch.jobs.front()].source_offset;
   uint64_t source_end = source_begin;
   bool source_run = true;  // in the same order, with small gaps: one read covers them all
@@ -155,7 +156,7 @@ std::vector<uint32_t> copy_ranges(int source_fd, int dest_fd, const std::vector<
     const Batch& batch = batches[b];
     const size_t first = batch.jobs.front();
     if (batch.jobs.size() > 1 || jobs[first].length < kSmallJob) {
-      gather_copy(source_fd, dest_fd, jobs, batch, crcs, scratch.buffer, scratch.source);
+      gather_copy(source_fd, dest_fd, jobs, batch, scratch.buffer, scratch.source, crcs);
     } else {
       const CopyJob& job = jobs[first];
       const bool copied = !job.want_crc && kernel_ok.load() && kernel_copy(source_fd, dest_fd, job);
