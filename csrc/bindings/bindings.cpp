@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "bindings/buffer_view.h"
+#include "bindings/exceptions.h"
 #include "bindings/py_tree.h"
 #include "bindings/py_zip.h"
 #include "core/byte_source.h"
@@ -31,22 +32,6 @@ using pyckpt::ErrorKind;
 namespace pk = pyckpt::pickle;
 
 namespace {
-
-py::object errors_module() { return py::module_::import("pyckpt.errors"); }
-
-py::object decode_name(const std::string& raw) {
-  return py::module_::import("pyckpt.index.py_zip").attr("decode_name")(py::bytes(raw));
-}
-
-void raise_checkpoint_error(const CheckpointError& error) {
-  const char* class_name = error.kind() == ErrorKind::kUnsafe      ? "UnsafeCheckpointError"
-                           : error.kind() == ErrorKind::kTruncated ? "TruncatedCheckpointError"
-                                                                   : "CheckpointError";
-  py::object cls = errors_module().attr(class_name);
-  py::object record = error.record().empty() ? py::none() : decode_name(error.record());
-  py::object instance = cls(decode_name(error.message()), py::arg("record") = record);
-  PyErr_SetObject(cls.ptr(), instance.ptr());
-}
 
 py::tuple unpickle(const py::buffer& data, uint64_t start, py::object interpreter,
                    const py::dict& rules, int max_nesting) {
@@ -105,18 +90,7 @@ PYBIND11_MODULE(_core, m) {
                                /*readonly=*/false);
       })
       .def("__len__", [](const pyckpt::MappedFile& mapping) { return mapping.size(); });
-  py::register_exception_translator([](std::exception_ptr pointer) {
-    try {
-      if (pointer) std::rethrow_exception(pointer);
-    } catch (const CheckpointError& error) {
-      raise_checkpoint_error(error);
-    } catch (const std::system_error& error) {
-      // An OSError with the errno, like os.pwrite raises: callers handle ENOSPC/EFBIG.
-      py::object exc = py::module_::import("builtins").attr("OSError")(
-          error.code().value(), std::string(std::strerror(error.code().value())));
-      PyErr_SetObject(PyExc_OSError, exc.ptr());
-    }
-  });
+  pyckpt::bindings::register_exception_translation();
 
   py::class_<pyckpt::bindings::ZipDirectory, std::shared_ptr<pyckpt::bindings::ZipDirectory>>(m, "ZipDirectory")
       .def("__len__", &pyckpt::bindings::ZipDirectory::size)

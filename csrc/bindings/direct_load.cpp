@@ -24,6 +24,7 @@
 
 #include "core/byte_source.h"
 #include "core/error.h"
+#include "index/view_check.h"
 #include "index/zip_index.h"
 #include "io/crc32.h"
 #include "io/parallel_read.h"
@@ -328,23 +329,6 @@ bool int_vector(const Value& value, std::vector<int64_t>* out) {
   return true;
 }
 
-// plan.check_view's arithmetic.
-bool view_fits(int64_t offset, const std::vector<int64_t>& size, const std::vector<int64_t>& stride, int64_t itemsize,
-               uint64_t storage_bytes) {
-  unsigned __int128 numel = 1, extent = 0;
-  const unsigned __int128 limit = static_cast<unsigned __int128>(INT64_MAX);
-  for (size_t i = 0; i < size.size(); ++i) {
-    numel *= static_cast<unsigned __int128>(size[i]);
-    if (numel > limit) return false;
-    if (size[i] != 0) extent += static_cast<unsigned __int128>(size[i] - 1) * static_cast<unsigned __int128>(stride[i]);
-    if (extent > limit) return false;
-  }
-  if (static_cast<unsigned __int128>(offset) + extent > limit) return false;
-  if (numel == 0) return true;
-  return (static_cast<unsigned __int128>(offset) + extent + 1) * static_cast<unsigned __int128>(itemsize) <=
-         storage_bytes;
-}
-
 Value DirectLoader::tensor(Global form, std::vector<Value>& a) {
   if (a.size() != (form == Global::kRebuild ? 4u : form == Global::kRebuildV2 ? 6u : 7u)) give_up();
   if (a[0].kind != Value::Kind::kStorage || a[1].kind != Value::Kind::kInt || a[1].integer < 0) give_up();
@@ -367,7 +351,9 @@ Value DirectLoader::tensor(Global form, std::vector<Value>& a) {
   consume(a[2]);
   consume(a[3]);
   const Slot& slot = storages_[static_cast<size_t>(a[0].integer)];
-  if (!view_fits(a[1].integer, size, stride, static_cast<int64_t>(c10::elementSize(dtype)), slot.nbytes)) give_up();
+  if (!pyckpt::view_fits(a[1].integer, size, stride, static_cast<int64_t>(c10::elementSize(dtype)), slot.nbytes)) {
+    give_up();
+  }
   std::vector<at::Storage> one{slot.storage};
   at::Tensor made = mt::make_tensors(one, {{0, dtype, a[1].integer, std::move(size), std::move(stride), requires_grad}})
                         .front();

@@ -8,6 +8,7 @@
 
 #include "bindings/py_zip.h"
 #include "core/error.h"
+#include "index/view_check.h"
 
 namespace py = pybind11;
 
@@ -240,24 +241,6 @@ class TreeConverter {
     return tuple;
   }
 
-  // plan.check_view's arithmetic: true when the view fits its storage without overflow.
-  static bool view_fits(int64_t offset, const std::vector<int64_t>& size, const std::vector<int64_t>& stride,
-                        int64_t itemsize, int64_t storage_bytes) {
-    if (itemsize <= 0) return false;
-    unsigned __int128 numel = 1, extent = 0;
-    const unsigned __int128 limit = static_cast<unsigned __int128>(INT64_MAX);
-    for (size_t i = 0; i < size.size(); ++i) {
-      numel *= static_cast<unsigned __int128>(size[i]);
-      if (numel > limit) return false;
-      if (size[i] != 0) extent += static_cast<unsigned __int128>(size[i] - 1) * static_cast<unsigned __int128>(stride[i]);
-      if (extent > limit) return false;
-    }
-    if (static_cast<unsigned __int128>(offset) + extent > limit) return false;
-    if (numel == 0) return true;
-    const unsigned __int128 needed = (static_cast<unsigned __int128>(offset) + extent + 1) * itemsize;
-    return needed <= static_cast<unsigned __int128>(storage_bytes);
-  }
-
   py::object tensor_record(const std::vector<pk::NodeId>& call, int depth) {
     const pk::Node& func = tree_.nodes[call[0]];
     if (func.kind != pk::Kind::kGlobal || func.opaque || call.size() != 2) return {};
@@ -284,7 +267,8 @@ class TreeConverter {
     if (form >= 2 && !inert(a[5])) convert(a[5], depth + 1);  // the backward hooks, as the Interpreter would
     py::object dtype = form == 3 ? convert(a[6], depth + 1) : facts->second.dtype;
     if (form == 3 && !py::type::of(dtype).is(dtype_type_)) return {};
-    if (!view_fits(offset, size, stride, dtype_facts(dtype).itemsize, facts->second.nbytes)) {
+    if (!pyckpt::view_fits(offset, size, stride, dtype_facts(dtype).itemsize,
+                           static_cast<uint64_t>(facts->second.nbytes))) {
       return {};  // plan.check_view reports it, with the key
     }
     py::object record = make_tensor_record_.make({facts->second.storage, dtype, py::int_(offset), as_tuple(size),

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "bindings/buffer_view.h"
+#include "bindings/exceptions.h"
 #include "core/byte_source.h"
 #include "core/error.h"
 #include "device/ring_loader.h"
@@ -61,15 +62,7 @@ py::dict copy(const pyckpt::ByteSource& source, const py::list& pieces, const py
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyckpt pinned-ring loader: file bytes to device memory on parallel streams";
-  py::register_exception_translator([](std::exception_ptr pointer) {
-    try {
-      if (pointer) std::rethrow_exception(pointer);
-    } catch (const pyckpt::CheckpointError& error) {
-      py::object cls = py::module_::import("pyckpt.errors").attr("CheckpointError");
-      py::object instance = cls(py::str(error.message()));
-      PyErr_SetObject(cls.ptr(), instance.ptr());
-    }
-  });
+  pyckpt::bindings::register_exception_translation();
   m.def("copy_to_device_fd", [](int fd, uint64_t size, const py::list& pieces, const py::dict& config,
                                 const std::string& device) {
     return copy(pyckpt::FdSource(fd, size), pieces, config, device);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "bindings/buffer_view.h"
+#include "bindings/exceptions.h"
 #include "bindings/direct_load.h"
 #include "core/byte_source.h"
 #include "core/error.h"
@@ -130,19 +131,7 @@ std::vector<bool> direct_fills(const py::list& pairs, const py::dict& dtypes, st
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyckpt bulk host storages and tensors: the per-tensor end of a CPU load";
-  py::register_exception_translator([](std::exception_ptr pointer) {
-    try {
-      if (pointer) std::rethrow_exception(pointer);
-    } catch (const pyckpt::CheckpointError& error) {
-      py::object cls = py::module_::import("pyckpt.errors").attr("CheckpointError");
-      py::object instance = cls(py::str(error.message()));
-      PyErr_SetObject(cls.ptr(), instance.ptr());
-    } catch (const std::system_error& error) {  // an OSError with the errno, as os.pread raises
-      py::object exc = py::module_::import("builtins").attr("OSError")(
-          error.code().value(), std::string(std::strerror(error.code().value())));
-      PyErr_SetObject(PyExc_OSError, exc.ptr());
-    }
-  });
+  pyckpt::bindings::register_exception_translation();
   m.def("slice_storage", [](const at::Storage& base, const py::list& ranges) {
     return storage_list(mt::slice_storage(base, byte_ranges(ranges)));
   });
