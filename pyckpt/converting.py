@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,13 +18,16 @@ from ._collector import without_collector
 from ._backend import current_backend
 from ._units import human_bytes
 from .errors import CheckpointError
-from .index import index_checkpoint
+from .index import index_opened
+from .index.source import FileSource, Source, open_source
+from .index.zip_format import zip_entries_of
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index.records import TensorRecord, describe_value
 from .plan import check_view, iter_records
 from .rename import ROOT, AUTO, RenameReport, RenameRules, locate_state_dict, make_key_map, rename_state_dict, rename_tree
 from .sinks.atomic import AtomicFile
-from .sinks.pt_writer import write_pt
+from .sinks.pt_writer import span_destination, write_pt, write_pt_around_span
+from .sinks.storage_span import SpanCopy, StorageSpan, find_storage_span
 from .sinks.safetensors_writer import write_safetensors
 
 FORMAT_PT = "pt"
@@ -103,7 +107,28 @@ def convert(
     backend = current_backend()
     key_map = make_key_map(strip_prefix, rename)
     report = RenameReport()
-    with index_checkpoint(source, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index:
+    total = 0
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, max(total, done))
+
+    with AtomicFile(destination, overwrite=overwrite) as output, ExitStack() as cleanup:
+        opened = open_source(source)
+        cleanup.callback(opened.close)
+        copying: SpanCopy | None = None
+        span = _storage_span(opened, backend) if chosen == FORMAT_PT and not extract_state_dict else None
+        if span is not None:
+            # Started before indexing, so the copy overlaps the pickle's reading and rewriting.
+            copying = cleanup.enter_context(
+                SpanCopy(span, opened.fd, output.fd, span_destination(span), backend, advance)  # type: ignore[attr-defined]
+            )
+        # Not entered into ``cleanup``: closing the index closes the source, which the copy
+        # thread reads until it is joined (``opened.close`` runs after that).
+        index = index_opened(opened, backend, policy=policy_for(UNKNOWN_OPAQUE))
         try:
             metadata: dict[str, str] = {}
             dropped: list[str] = []
@@ -118,25 +143,19 @@ def convert(
                 state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
                 payload = state_dict
                 tensors = _check_all_views(state_dict) if chosen == FORMAT_PT else len(state_dict)
-        except CheckpointError as exc:
-            raise exc.located(path=index.display)
-        total = sum(record.nbytes for record in index.storages.values())
-        done = 0
-
-        def advance(nbytes: int) -> None:
-            nonlocal done
-            done += nbytes
-            if progress is not None:
-                progress(done, max(total, done))
-
-        with AtomicFile(destination, overwrite=overwrite) as output:
-            try:
+            total = sum(record.nbytes for record in index.storages.values())
+            written = None if copying is None else write_pt_around_span(index, payload, output.fd, span, copying)
+            if written is None:
+                if copying is not None:  # the pickle names its storages otherwise: start over
+                    copying.wait()
+                    os.ftruncate(output.fd, 0)
+                    done = 0
                 if chosen == FORMAT_PT:
                     written = write_pt(index, payload, output.fd, destination, backend, advance)
                 else:
                     written = write_safetensors(index, payload, metadata, output.fd, backend, advance)
-            except CheckpointError as exc:
-                raise exc.located(path=index.display)
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
     return ConvertReport(
         source=source,
         destination=destination,
@@ -195,3 +214,13 @@ def _metadata_entries(root: Any, found_under: Any, drop_extra: bool) -> tuple[di
             f"would be lost: {', '.join(lost)} (pass --drop-extra to drop them, or convert to pt)"
         )
     return metadata, lost
+
+
+def _storage_span(source: Source, backend: Any) -> StorageSpan | None:
+    """The storage span of a torch zip file, read from its directory before anything else."""
+    if not isinstance(source, FileSource) or source.read(0, min(source.size, 4)) != b"PK\x03\x04":
+        return None
+    try:
+        return find_storage_span(zip_entries_of(source, backend))
+    except CheckpointError as exc:
+        raise exc.located(path=source.display)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
+import zlib
 
 import factory
 import pytest
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import pyckpt
+from pyckpt import converting
 from pyckpt.rename import make_key_map, rename_tree
 
 
@@ -377,3 +379,86 @@ def test_read_only_input_works_and_read_only_output_fails_clearly(backend, read_
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert "Read-only file system" in failed.stderr or "Permission denied" in failed.stderr
     assert sorted(os.listdir(read_only_dir)) == ["s.pt"]
+
+
+# -- pt output of a torch-written file: the storage records copied as one span ------------
+
+
+def _zip_records(path) -> dict[str, zipfile.ZipInfo]:
+    with zipfile.ZipFile(path) as z:
+        return {info.filename: info for info in z.infolist()}
+
+
+def _span_bytes(path, names) -> bytes:
+    """The bytes from the first named record's local header to the end of the last's data."""
+    infos = _zip_records(path)
+    first, last = infos[names[0]], infos[names[-1]]
+    data_end = factory.data_offsets(str(path))[-1] + last.file_size
+    with open(path, "rb") as f:
+        f.seek(first.header_offset)
+        return f.read(data_end - first.header_offset)
+
+
+def _refuse_general_path(*args, **kwargs):
+    raise AssertionError("convert wrote the storages one by one, not as one span")
+
+
+@pytest.mark.parametrize("case", ["training_checkpoint", "views", "shared", "every_dtype"])
+def test_pt_output_copies_the_storage_span_whole(backend, tmp_path, monkeypatch, case):
+    src = factory.save(factory.OBJECT_CASES[case](), tmp_path / "src.pt")
+    dst = tmp_path / "dst.pt"
+    monkeypatch.setattr(pyckpt.converting, "write_pt", _refuse_general_path)
+    report = pyckpt.convert(src, dst)
+    expected = stripped_reference(src)
+    assert_same(expected, torch.load(dst, weights_only=True))
+    assert_same(expected, torch.load(dst, weights_only=True, mmap=True))
+    assert_same(expected, pyckpt.load(dst, mmap=True))
+    assert all(offset % 64 == 0 for offset in storage_data_offsets(dst))
+    with zipfile.ZipFile(dst) as z:
+        assert z.testzip() is None
+        names = z.namelist()
+    # torch's reader takes the top folder from the first directory entry: data.pkl, as torch lists it.
+    assert names[0].endswith("/data.pkl") and names[-1].endswith("/version")
+    storages = [name for name in names if "/data/" in name]
+    assert storages == [name for name in _zip_records(src) if "/data/" in name]
+    # Local headers, data and data descriptors: the same bytes as in the source.
+    assert _span_bytes(dst, storages) == _span_bytes(src, storages)
+    assert report.storages == len(storages)
+    assert report.tensor_bytes == sum(_zip_records(src)[name].file_size for name in storages)
+
+
+def _aligned_zip(path, records: list[tuple[str, bytes]]) -> str:
+    """A stored zip with every record's data 64-byte aligned, records in the given order."""
+    from pyckpt.sinks.torch_zip import central_directory, lay_out, local_header
+
+    laid_out, cd_offset = lay_out([(name, len(data)) for name, data in records])
+    with open(path, "wb") as f:
+        for record, (_, data) in zip(laid_out, records):
+            record.crc32 = zlib.crc32(data)
+            f.write(local_header(record) + data)
+        assert f.tell() == cd_offset
+        f.write(central_directory(laid_out, cd_offset))
+    return str(path)
+
+
+def test_pt_output_written_record_by_record_when_the_pickle_names_storages_otherwise(backend, tmp_path, monkeypatch):
+    """Storage records stored out of the pickle's order: the span is copied, found not to fit
+    once the pickle is written, and the file is written the general way instead."""
+    original = factory.save(nn.DataParallel(factory.seeded_net()).state_dict(), tmp_path / "orig.pt")
+    with zipfile.ZipFile(original) as z:
+        records = [(info.filename, z.read(info)) for info in z.infolist()]
+    storages = [record for record in records if "/data/" in record[0]]
+    others = [record for record in records if "/data/" not in record[0]]
+    src = _aligned_zip(tmp_path / "reordered.pt", others[:1] + storages[::-1] + others[1:])
+    general = []
+    real_write_pt = converting.write_pt
+    monkeypatch.setattr(pyckpt.converting, "write_pt", lambda *a, **k: general.append(1) or real_write_pt(*a, **k))
+    dst = tmp_path / "dst.pt"
+    report = pyckpt.convert(src, dst)
+    assert general == [1]
+    expected = stripped_reference(src)
+    assert_same(expected, torch.load(dst, weights_only=True))
+    assert_same(expected, torch.load(dst, weights_only=True, mmap=True))
+    assert all(offset % 64 == 0 for offset in storage_data_offsets(dst))
+    assert zipfile.ZipFile(dst).testzip() is None
+    assert report.file_bytes == os.path.getsize(dst)  # the span copied first left nothing behind

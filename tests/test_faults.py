@@ -16,6 +16,8 @@ from pyckpt.execute.direct import load_direct as real_load_direct
 from pyckpt.index import index_checkpoint as real_index_checkpoint
 from pyckpt.index import index_opened as real_index_opened
 
+real_storage_span = converting._storage_span
+
 
 @pytest.fixture
 def truncated_after_indexing(monkeypatch):
@@ -26,7 +28,7 @@ def truncated_after_indexing(monkeypatch):
         os.truncate(index.source.path, index.source.size // 2)
         return index
 
-    for module in (module_loading, converting, verification):
+    for module in (module_loading, verification):
         monkeypatch.setattr(module, "index_checkpoint", indexing_then_truncating)
 
     # pyckpt.load indexes a source it opened itself, or reads it in one native pass (which
@@ -42,6 +44,17 @@ def truncated_after_indexing(monkeypatch):
 
     monkeypatch.setattr(loading, "index_opened", opened_then_truncating)
     monkeypatch.setattr(loading, "load_direct", truncating_then_direct)
+
+    # convert reads the zip directory first and starts copying the storages while it
+    # indexes: truncated before that copy starts, and (for outputs it writes otherwise)
+    # after indexing.
+    def span_then_truncating(source, backend):
+        span = real_storage_span(source, backend)
+        os.truncate(source.path, source.size // 2)
+        return span
+
+    monkeypatch.setattr(converting, "_storage_span", span_then_truncating)
+    monkeypatch.setattr(converting, "index_opened", opened_then_truncating)
 
 
 def _checkpoint(tmp_path):
@@ -68,8 +81,9 @@ def test_load_into_owned_memory(backend, tmp_path, truncated_after_indexing):
         pyckpt.load(_checkpoint(tmp_path), mmap=False)
 
 
-def test_convert(backend, tmp_path, truncated_after_indexing):
-    destination = tmp_path / "out.pt"
+@pytest.mark.parametrize("name", ["out.pt", "out.safetensors"])
+def test_convert(backend, tmp_path, truncated_after_indexing, name):
+    destination = tmp_path / name
     with pytest.raises(pyckpt.CheckpointError, match="truncated|shrank"):
         pyckpt.convert(_checkpoint(tmp_path), destination)
     assert not destination.exists()

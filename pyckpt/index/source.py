@@ -21,6 +21,9 @@ class Source:
     display: str
     size: int
     path: str | None = None
+    # The zip central directory, once read: convert reads it before indexing (to start
+    # copying storages early) and the index then reuses it instead of reading it again.
+    zip_directory: Any = None
 
     def read(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length, "read")

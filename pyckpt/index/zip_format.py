@@ -20,8 +20,15 @@ if TYPE_CHECKING:
 PICKLE_LIMIT = 1 << 31
 
 
+def zip_entries_of(source: Source, backend: Backend) -> Any:
+    """The source's central directory by record name, read once per open source."""
+    if source.zip_directory is None:
+        source.zip_directory = backend.zip_entries(source)
+    return source.zip_directory
+
+
 def index_zip(source: Source, backend: Backend, policy: GlobalsPolicy | None = None) -> CheckpointIndex:
-    entries = backend.zip_entries(source)
+    entries = zip_entries_of(source, backend)
     if not entries:
         raise CheckpointError("zip archive has no records, so it is not a torch checkpoint")
     first = next(iter(entries))

@@ -11,7 +11,8 @@ from ..index.checkpoint import CheckpointIndex
 from .copy_plan import Progress, RangeCopy, known_crc, run_copies
 from .file_copy import write_all
 from .pickle_writer import pickle_tree
-from .torch_zip import central_directory, lay_out, local_header
+from .storage_span import DATA_DESCRIPTOR_FLAG, SpanCopy, StorageSpan
+from .torch_zip import ALIGNMENT, ZipRecord, central_directory, end_data_at, lay_out, local_header
 
 if TYPE_CHECKING:
     from .._backend import Backend
@@ -77,4 +78,67 @@ def write_pt(
         tensors_bytes=sum(storage.nbytes for _, storage in storages),
         storages=len(storages),
         file_bytes=cd_offset + len(tail),
+    )
+
+
+# -- the storage span copied whole (see storage_span.py) ---------------------------------
+
+
+def _head(top: str, byteorder: bytes) -> list[tuple[str, bytes]]:
+    return [
+        (f"{top}/.format_version", FORMAT_VERSION),
+        (f"{top}/.storage_alignment", STORAGE_ALIGNMENT),
+        (f"{top}/byteorder", byteorder),
+    ]
+
+
+def span_destination(span: StorageSpan) -> int:
+    """Where the span goes: after the small head records, congruent to its source offset mod 64.
+
+    It cannot depend on the byte order, which is not read yet when the copy starts: the head
+    is laid out as if the byteorder record held the longer value, b"little".
+    """
+    _, end = lay_out([(name, len(data)) for name, data in _head(span.top, b"little")])
+    return end + (span.start - end) % ALIGNMENT
+
+
+def write_pt_around_span(
+    index: CheckpointIndex, root: Any, dest_fd: int, span: StorageSpan, copying: SpanCopy
+) -> WrittenFile | None:
+    """The file as write_pt would write it, with the span copied as is; None if the pickle
+    names other storages than the span's records (nothing is written then)."""
+    data_pkl, storages = pickle_tree(root)
+    if not span.named_by(storages):
+        return None
+    top, span_at = span.top, span_destination(span)
+    head = _head(top, index.byteorder.encode())
+    head_records, _ = lay_out([(name, len(data)) for name, data in head])
+    end_data_at(head_records[-1], span_at)
+    shift = span_at - span.start
+    span_records = [
+        ZipRecord(
+            entry.name,
+            entry.size,
+            header_offset=entry.header_offset + shift,
+            data_offset=entry.data_offset + shift,
+            crc32=entry.crc32,
+            kept_flags=entry.flags & DATA_DESCRIPTOR_FLAG,
+        )
+        for entry in span.entries
+    ]
+    tail = [(f"{top}/data.pkl", data_pkl), (f"{top}/version", VERSION)]
+    tail_records, cd_offset = lay_out([(name, len(data)) for name, data in tail], start=span_at + span.length)
+    for record, (_, data) in zip(head_records + tail_records, head + tail):
+        record.crc32 = zlib.crc32(data)
+        write_all(dest_fd, local_header(record) + data, record.header_offset)
+    copying.wait()
+    # data.pkl first in the directory, as torch lists it: torch's reader takes the archive's
+    # top folder from the first entry.
+    records = tail_records[:1] + head_records + span_records + tail_records[1:]
+    directory = central_directory(records, cd_offset)
+    write_all(dest_fd, directory, cd_offset)
+    return WrittenFile(
+        tensors_bytes=sum(entry.size for entry in span.entries),
+        storages=len(span.entries),
+        file_bytes=cd_offset + len(directory),
     )

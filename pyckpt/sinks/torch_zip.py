@@ -30,6 +30,9 @@ class ZipRecord:
     data_offset: int = 0
     local_extra: bytes = b""
     crc32: int = 0
+    # Flags a record copied whole from another archive keeps: bit 3 says a data descriptor
+    # follows its data there.
+    kept_flags: int = 0
 
     @property
     def encoded_name(self) -> bytes:
@@ -37,23 +40,37 @@ class ZipRecord:
 
     @property
     def flags(self) -> int:
-        return 0x0800 if not self.name.isascii() else 0  # bit 11: the name is UTF-8
+        return self.kept_flags | (0x0800 if not self.name.isascii() else 0)  # bit 11: the name is UTF-8
 
 
-def lay_out(names_and_sizes: list[tuple[str, int]]) -> tuple[list[ZipRecord], int]:
-    """Records with offsets; returns them and the offset where the central directory starts."""
+def lay_out(names_and_sizes: list[tuple[str, int]], start: int = 0) -> tuple[list[ZipRecord], int]:
+    """Records with offsets from ``start``; returns them and the offset just past the last."""
     records = []
-    offset = 0
+    offset = start
     for name, size in names_and_sizes:
         record = ZipRecord(name, size, header_offset=offset)
-        zip64 = _local_zip64(size)
-        unpadded = offset + LOCAL_SIZE + len(record.encoded_name) + len(zip64) + 4
-        padding = (-unpadded) % ALIGNMENT
-        record.local_extra = zip64 + struct.pack("<HH", PADDING_ID, padding) + b"Z" * padding
-        record.data_offset = unpadded + padding
+        unpadded = _unpadded_data_offset(record)
+        _pad(record, (-unpadded) % ALIGNMENT)
         records.append(record)
         offset = record.data_offset + size
     return records, offset
+
+
+def end_data_at(record: ZipRecord, end: int) -> None:
+    """Pad ``record``'s local header so that its data ends exactly at ``end``."""
+    padding = end - record.size - _unpadded_data_offset(record)
+    if not 0 <= padding <= U16_MAX - 4:
+        raise ValueError(f"record '{record.name}' cannot end at offset {end}")
+    _pad(record, padding)
+
+
+def _unpadded_data_offset(record: ZipRecord) -> int:
+    return record.header_offset + LOCAL_SIZE + len(record.encoded_name) + len(_local_zip64(record.size)) + 4
+
+
+def _pad(record: ZipRecord, padding: int) -> None:
+    record.local_extra = _local_zip64(record.size) + struct.pack("<HH", PADDING_ID, padding) + b"Z" * padding
+    record.data_offset = _unpadded_data_offset(record) + padding
 
 
 def _local_zip64(size: int) -> bytes:
