@@ -15,6 +15,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -147,10 +148,10 @@ class DirectLoader {
     if (++values_ > max_values_) give_up();
     Value& value = top();
     // Picklers number the memo densely; a file that does not is left to the general path.
-    if (index > 2 * memo_.size() + 1024) give_up();
-    if (index >= memo_.size()) memo_.resize(index + 1);
-    // Only what the pickle fetches again is kept: picklers memoise every tensor's tuples,
-    // and keeping them all would cost more memory than the tensors themselves.
+    if (index > 2 * memo_end_ + 1024) give_up();
+    memo_end_ = std::max<uint64_t>(memo_end_, uint64_t{index} + 1);
+    // Only what the pickle fetches again is kept, by index: picklers memoise every tensor's
+    // tuples, and even a slot per memo index would cost a third of what the tensors do.
     if (index < fetched_.size() && fetched_[index]) memo_[index] = value;
   }
   void scan_fetches();
@@ -199,7 +200,8 @@ class DirectLoader {
   size_t end_ = 0, pos_ = 0;
   std::vector<Value> stack_;
   std::vector<size_t> marks_;
-  std::vector<Value> memo_;  // index -> value; kind kObject with no object: never stored
+  std::unordered_map<uint32_t, Value> memo_;  // the entries the pickle fetches, by index
+  uint64_t memo_end_ = 0;  // one past the highest memo index stored
   std::vector<bool> fetched_;  // memo indices the pickle fetches (BINGET / LONG_BINGET)
   uint64_t values_ = 0;
 
@@ -427,8 +429,9 @@ py::object DirectLoader::run() {
       case 'h':  // BINGET
       case 'j': {  // LONG_BINGET
         const uint32_t index = op == 'h' ? *take(1) : u32();
-        if (index >= memo_.size() || (memo_[index].kind == Value::Kind::kObject && !memo_[index].object)) give_up();
-        push(memo_[index]);
+        const auto stored = memo_.find(index);
+        if (stored == memo_.end()) give_up();
+        push(stored->second);
         break;
       }
       case 'X':  // BINUNICODE

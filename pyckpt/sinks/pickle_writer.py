@@ -48,6 +48,8 @@ class PickleWriter:
         self.alive: list[Any] = []  # keeps memoised temporaries alive, so ids stay unique
         self.storages: dict[str, tuple[str, StorageRecord]] = {}  # source key -> (new key, record)
         self.bare_globals: dict[tuple[str, str], Opaque] = {}  # one object per class, memoised once
+        # (dtype, location) -> the bytes of a storage id before and after its key
+        self.id_parts: dict[tuple[DType, str], tuple[bytes, bytes]] = {}
 
     # -- memo ---------------------------------------------------------------------------
     def _memoize(self, obj: Any) -> None:
@@ -248,18 +250,30 @@ class PickleWriter:
         if key is None:
             key = self.storages[record.key] = (str(len(self.storages)), record)
         dtype = record.dtype
+        numel = record.nbytes // dtype.itemsize if dtype.storage_class is not None else record.nbytes
+        encoded = key[0].encode("ascii")  # "0", "1", ...: new for every storage, never memoised
+        key_bytes = b"X" + _pack_u32(len(encoded)) + encoded
+        # The id tuple is written unmemoised: nothing refers to it again. What surrounds the
+        # key is the same for every storage of a dtype and location once it is in the memo.
+        around = self.id_parts.get((dtype, record.location))
+        if around is not None:
+            self.out += around[0] + key_bytes + around[1] + _int_bytes(numel) + b"tQ"  # BINPERSID
+            return
         if dtype.storage_class is not None:
-            storage_type, numel = symbol(f"torch.{dtype.storage_class}"), record.nbytes // dtype.itemsize
+            storage_type = symbol(f"torch.{dtype.storage_class}")
         else:
-            storage_type, numel = symbol(UNTYPED_STORAGE), record.nbytes
-        # The id tuple is written unmemoised: nothing refers to it again.
+            storage_type = symbol(UNTYPED_STORAGE)
         self.out += b"("
         self._save_memoised("storage")
         self._save_memoised(storage_type)
-        encoded = key[0].encode("ascii")  # "0", "1", ...: new for every storage, never memoised
-        self.out += b"X" + _pack_u32(len(encoded)) + encoded
+        self.out += key_bytes
         self._save_memoised(record.location)
-        self.out += _int_bytes(numel) + b"tQ"  # BINPERSID
+        self.out += _int_bytes(numel) + b"tQ"
+        memo = self.memo
+        self.id_parts[(dtype, record.location)] = (
+            b"(" + memo[id("storage")] + memo[id(storage_type)],
+            memo[id(record.location)],
+        )
 
     def _save_memoised(self, obj: Any) -> None:
         """``save`` for an object written many times (a symbol, "storage", "cpu")."""
