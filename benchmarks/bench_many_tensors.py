@@ -64,6 +64,7 @@ from common import (
     RunResult,
     _atomic_write,
     baseline_rss,
+    byte_compile_pyckpt,
     cached_fraction,
     checksum,
     current_rss,
@@ -653,12 +654,13 @@ def main() -> int:
     first = prepare_checkpoint(args.data_dir, FIRST_SIZE_GIB, with_safetensors=False) if first_rows else None
 
     load_before = os.getloadavg()[0]
+    compiled = byte_compile_pyckpt()
     floors = {"imports": baseline_rss(os.environ), "cli": baseline_rss(os.environ, CLI_BASELINE_RSS_CODE), "own": 0}
     many_results = measure(script, many_rows, many, args.repeat, "many") if many_rows else {}
     first_results = measure(script, first_rows, first, args.repeat, "first") if first_rows else {}
 
     print()
-    for line in header_lines(many, first, floors, load_before, args.repeat):
+    for line in header_lines(many, first, floors, load_before, args.repeat) + [compiled]:
         print(line)
     if many_results:
         assert many is not None

@@ -74,6 +74,7 @@ def _describe(index: Any, rows: int | None, backend_name: str) -> dict[str, Any]
                       "storage": tensor.storage.key})
     storages = index.storages.values()
     shown = table if rows is None else table[:rows]
+    root_is_state_dict = is_state_dict(index.root)  # a scan of every entry: done once
     return {
         "schema": SCHEMA_VERSION,
         "path": index.display,
@@ -89,9 +90,9 @@ def _describe(index: Any, rows: int | None, backend_name: str) -> dict[str, Any]
         "compressed_storages": sum(1 for s in storages if s.method != METHOD_STORED),
         "unaligned_storages": sum(1 for s in storages if s.method == METHOD_STORED and not s.mappable()),
         "dtypes": dict(sorted(dtypes.items(), key=lambda item: -item[1]["bytes"])),
-        "state_dicts": _state_dicts(index.root),
+        "state_dicts": _state_dicts(index.root, root_is_state_dict),
         "unknown_globals": _unknown_globals(index, records),
-        "entries": _entries(index.root),
+        "entries": [] if root_is_state_dict else _entries(index.root),
         "table": shown,
         "table_omitted": len(table) - len(shown),
     }
@@ -119,9 +120,9 @@ def _holds_state_dict(value: Any) -> bool:
     return is_state_dict(value) or is_pickled_module(value)
 
 
-def _state_dicts(root: Any) -> list[dict[str, Any]]:
+def _state_dicts(root: Any, root_is_state_dict: bool) -> list[dict[str, Any]]:
     found = []
-    candidates = [("", root)] if _holds_state_dict(root) else []
+    candidates = [("", root)] if root_is_state_dict or is_pickled_module(root) else []
     if isinstance(root, dict) and not candidates:
         candidates = [(str(k), v) for k, v in root.items() if _holds_state_dict(v)]
     for where, holder in candidates:
@@ -158,8 +159,9 @@ def _state_dicts(root: Any) -> list[dict[str, Any]]:
 
 
 def _entries(root: Any) -> list[dict[str, Any]]:
-    """Top-level entries that are not state dicts (epoch, optimizer, hyperparameters...)."""
-    if not isinstance(root, dict) or is_state_dict(root):
+    """Top-level entries that are not state dicts (epoch, optimizer, hyperparameters...) of a
+    root that is not a state dict itself."""
+    if not isinstance(root, dict):
         return []
     out = []
     for key, value in root.items():
