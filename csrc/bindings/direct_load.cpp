@@ -25,6 +25,7 @@
 
 #include "core/byte_source.h"
 #include "core/error.h"
+#include "core/window_reader.h"
 #include "index/view_check.h"
 #include "index/zip_index.h"
 #include "io/crc32.h"
@@ -38,7 +39,9 @@ namespace {
 
 namespace mt = pyckpt::materialize;
 
-struct GiveUp {};  // thrown inside to fall back to the general path; never leaves this file
+struct GiveUp {};
+
+constexpr uint64_t kMaxGlobalLine = 1024;  // a GLOBAL's module or name, newline included  // thrown inside to fall back to the general path; never leaves this file
 
 [[noreturn]] void give_up() { throw GiveUp{}; }
 
@@ -88,6 +91,15 @@ class DirectLoader {
     const auto found = by_name_.find(name);
     return found == by_name_.end() ? nullptr : &entries_[found->second];
   }
+  uint32_t crc_of(const ZipEntry& entry) const {  // read through a window, like the run
+    WindowReader reader(source_, entry.data_offset, entry.size);
+    uint32_t crc = 0;
+    while (!reader.at_end()) {
+      const uint64_t n = std::min(reader.remaining(), WindowReader::kWindowBytes);
+      crc = crc32_update(crc, reader.take(n), static_cast<size_t>(n));
+    }
+    return crc;
+  }
   std::vector<uint8_t> small_record(const ZipEntry& entry, uint64_t limit) const {
     if (entry.method != kMethodStored || entry.size > limit) give_up();
     std::vector<uint8_t> bytes = source_.read(entry.data_offset, entry.size);
@@ -119,10 +131,9 @@ class DirectLoader {
     stack_.resize(base);
     return items;
   }
-  const uint8_t* take(size_t n) {
-    if (n > end_ - pos_) give_up();
-    const uint8_t* chunk = data_ + pos_;
-    pos_ += n;
+  const uint8_t* take(size_t n) {  // valid until the next take
+    const uint8_t* chunk = pickle_->take(n);
+    if (chunk == nullptr) give_up();
     return chunk;
   }
   uint32_t u32() {
@@ -154,7 +165,7 @@ class DirectLoader {
     // tuples, and even a slot per memo index would cost a third of what the tensors do.
     if (index < fetched_.size() && fetched_[index]) memo_[index] = value;
   }
-  void scan_fetches();
+  void scan_fetches(WindowReader pickle);
   static void consume(Value& value) {  // a tuple used up as arguments: its items are not kept
     if (value.kind == Value::Kind::kTuple && !value.tuple->object) {
       value.tuple->items.clear();
@@ -196,8 +207,7 @@ class DirectLoader {
   std::unordered_map<std::string_view, size_t> by_key_;
   std::vector<int64_t> slot_of_entry_;
 
-  const uint8_t* data_ = nullptr;
-  size_t end_ = 0, pos_ = 0;
+  WindowReader* pickle_ = nullptr;  // data.pkl, read as the run goes
   std::vector<Value> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint32_t, Value> memo_;  // the entries the pickle fetches, by index
@@ -417,8 +427,7 @@ void DirectLoader::append(Value& target, std::vector<Value>& items) {
 
 py::object DirectLoader::run() {
   while (true) {
-    if (pos_ >= end_) give_up();
-    const uint8_t op = data_[pos_++];
+    const uint8_t op = *take(1);
     switch (op) {
       case 'q':  // BINPUT
         memo_store(*take(1));
@@ -528,13 +537,9 @@ py::object DirectLoader::run() {
       }
       case 'c': {
         auto line = [&]() {
-          const size_t limit = std::min(end_, pos_ + 1024);
-          const void* newline = std::memchr(data_ + pos_, '\n', limit - pos_);
-          if (newline == nullptr) give_up();
-          const size_t length = static_cast<const uint8_t*>(newline) - (data_ + pos_);
-          std::string text(reinterpret_cast<const char*>(data_ + pos_), length);
-          pos_ += length + 1;
-          return text;
+          std::string_view text;
+          if (!pickle_->line(kMaxGlobalLine, &text)) give_up();
+          return std::string(text);
         };
         const std::string module = line();
         const std::string name = line();
@@ -578,53 +583,53 @@ py::object DirectLoader::run() {
 
 // Which memo entries the pickle ever fetches: one pass over the opcodes, sizes only. Any
 // opcode the run would not accept ends the scan (the run gives up there anyway).
-void DirectLoader::scan_fetches() {
-  size_t at = pos_;
-  auto skip = [&](size_t n) {
-    if (n > end_ - at) return false;
-    at += n;
-    return true;
+void DirectLoader::scan_fetches(WindowReader pickle) {
+  auto byte = [&](uint32_t* value) {
+    const uint8_t* p = pickle.take(1);
+    if (p != nullptr) *value = *p;
+    return p != nullptr;
   };
-  auto u32_at = [&](size_t where) {
-    return static_cast<uint32_t>(data_[where]) | (static_cast<uint32_t>(data_[where + 1]) << 8) |
-           (static_cast<uint32_t>(data_[where + 2]) << 16) | (static_cast<uint32_t>(data_[where + 3]) << 24);
+  auto u32 = [&](uint32_t* value) {
+    const uint8_t* p = pickle.take(4);
+    if (p != nullptr) {
+      *value = static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) |
+               (static_cast<uint32_t>(p[2]) << 16) | (static_cast<uint32_t>(p[3]) << 24);
+    }
+    return p != nullptr;
   };
   auto fetch = [&](uint32_t index) {
     if (index > (uint32_t{1} << 30)) return;  // the run gives up on it
     if (index >= fetched_.size()) fetched_.resize(static_cast<size_t>(index) + 1, false);
     fetched_[index] = true;
   };
-  while (at < end_) {
-    const uint8_t op = data_[at++];
+  uint32_t value = 0;
+  std::string_view text;
+  while (!pickle.at_end()) {
+    const uint8_t op = *pickle.take(1);
     bool ok = true;
     switch (op) {
-      case 'q': case 'K': case 0x80: ok = skip(1); break;
-      case 'r': case 'J': ok = skip(4); break;
-      case 'M': ok = skip(2); break;
-      case 'G': ok = skip(8); break;
+      case 'q': case 'K': case 0x80: ok = pickle.skip(1); break;
+      case 'r': case 'J': ok = pickle.skip(4); break;
+      case 'M': ok = pickle.skip(2); break;
+      case 'G': ok = pickle.skip(8); break;
       case 'h':
-        ok = at < end_;
-        if (ok) fetch(data_[at++]);
+        ok = byte(&value);
+        if (ok) fetch(value);
         break;
       case 'j':
-        ok = end_ - at >= 4;
-        if (ok) fetch(u32_at(at)), at += 4;
+        ok = u32(&value);
+        if (ok) fetch(value);
         break;
       case 'X':
-        ok = end_ - at >= 4 && skip(4) && skip(u32_at(at - 4));
+        ok = u32(&value) && pickle.skip(value);
         break;
       case 'U':
       case 0x8A:
-        ok = at < end_ && skip(1) && skip(data_[at - 1]);
+        ok = byte(&value) && pickle.skip(value);
         break;
-      case 'c': {
-        for (int line = 0; line < 2 && ok; ++line) {
-          const void* newline = std::memchr(data_ + at, '\n', end_ - at);
-          ok = newline != nullptr;
-          if (ok) at = static_cast<size_t>(static_cast<const uint8_t*>(newline) - data_) + 1;
-        }
+      case 'c':
+        ok = pickle.line(kMaxGlobalLine, &text) && pickle.line(kMaxGlobalLine, &text);
         break;
-      }
       case '.':
         return;
       case 'N': case 0x88: case 0x89: case '(': case ')': case 't': case 0x85: case 0x86: case 0x87:
@@ -700,11 +705,13 @@ py::object DirectLoader::load() {
     }
     const ZipEntry* pickle = find(top_ + "/data.pkl");
     if (pickle == nullptr) give_up();
-    const std::vector<uint8_t> data = small_record(*pickle, uint64_t{1} << 31);
-    data_ = data.data();
-    end_ = data.size();
-    scan_fetches();
+    if (pickle->method != kMethodStored || pickle->size > (uint64_t{1} << 31)) give_up();
+    if (pickle->crc32 != 0 && crc_of(*pickle) != pickle->crc32) give_up();
+    WindowReader reader(source_, pickle->data_offset, pickle->size);
+    scan_fetches(reader);
+    pickle_ = &reader;
     py::object root = run();
+    pickle_ = nullptr;
     if (too_deep(root)) give_up();
     {
       py::gil_scoped_release release;
