@@ -59,7 +59,14 @@ def _plain_checkpoints(tmp_path):
     yield "v3_dtypes", {name: t for name, t in factory.every_dtype().items()}
     yield "requires_grad", {"w": torch.ones(3, requires_grad=True)}
     yield "bare_tensor", torch.arange(5)
-    yield "empty", {"z": torch.zeros(0), "s": torch.tensor(3.0)}
+    yield "empty", {"z": torch.zeros(0), "s": torch.tensor(3.0), "": ""}
+    # data.pkl is read through a 1 MiB window: a string three windows long, and records on
+    # both sides of window edges.
+    yield "pickle_beyond_window", {
+        "before": torch.ones(2),
+        "note": "n" * (3 << 20),
+        **{f"module.block{i}.weight": torch.full((2,), float(i)) for i in range(6000)},
+    }
 
 
 @pytest.mark.skipif(EXT_DISABLED, reason="the direct load is native only")
