@@ -547,11 +547,14 @@ def many_verdicts(results: Mapping[str, Measurement], count: int, floors: Mappin
         load, objects = r[PYCKPT_MMAP], r[reference]
         above = load.peak_rss - floors["imports"]
         need = objects.load_rss
-        target = f" (target <= 1.5x: {met(above <= 1.5 * need)})" if reference == OWN_STORAGES else ""
+        # Judged on the growth during the call, measured the same way for both rows: each
+        # child also holds what it loaded before the call (pyckpt's extension among it), the
+        # same in every row, which "above imports" counts and the call does not cause.
+        target = f" (target <= 1.5x: {met(load.load_rss <= 1.5 * need)})" if reference == OWN_STORAGES else ""
         lines.append(
-            f"{PYCKPT_MMAP}: peak RSS {above / MIB:.0f} MiB above imports ({load.load_rss / MIB:.0f} MiB during "
-            f"the call) against the {need / MIB:.0f} MiB of '{reference}': {above / need:.2f}x "
-            f"({load.load_rss / need:.2f}x during the call){target}"
+            f"{PYCKPT_MMAP}: peak growth during the call {load.load_rss / MIB:.0f} MiB against the "
+            f"{need / MIB:.0f} MiB of '{reference}': {load.load_rss / need:.2f}x{target} (peak above imports "
+            f"{above / MIB:.0f} against {(objects.peak_rss - floors['imports']) / MIB:.0f} MiB)"
         )
     for row, base in ((PYCKPT_MMAP, TORCH_MMAP), (PYCKPT_EAGER, TORCH_MMAP), (PYCKPT_INTO, TORCH_RECIPE)):
         if usable(r, row, base):
