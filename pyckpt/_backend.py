@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._env import env_flag, io_threads
-from .errors import ExtensionUnavailableError
+from .errors import ExtensionUnavailableError, announce_fallback
 
 if TYPE_CHECKING:
     import torch
@@ -278,7 +278,6 @@ def _load() -> tuple[Backend, BackendInfo]:
 
 _tensors_module: Any = None
 _tensors_reason: str | None = None
-_tensors_warned = False
 
 
 def tensors_module() -> Any | None:
@@ -288,7 +287,7 @@ def tensors_module() -> Any | None:
     No silent fallback: a native backend without it warns once (or refuses, with
     ``PYCKPT_REQUIRE_EXT=1``) and makes its tensors one by one, as the Python backend does.
     """
-    global _tensors_module, _tensors_reason, _tensors_warned
+    global _tensors_module, _tensors_reason
     if _tensors_module is None and _tensors_reason is None:
         try:
             from . import _tensors  # type: ignore[attr-defined]
@@ -297,14 +296,7 @@ def tensors_module() -> Any | None:
         except ImportError as exc:
             _tensors_reason = f"the extension pyckpt._tensors could not be imported: {exc}"
     if _tensors_module is None:
-        message = f"pyckpt: tensors are made one by one in Python because {_tensors_reason}"
-        if env_flag("PYCKPT_REQUIRE_EXT"):
-            raise ExtensionUnavailableError(f"{message} (PYCKPT_REQUIRE_EXT=1 forbids the fallback)")
-        if not _tensors_warned:
-            _tensors_warned = True
-            import warnings
-
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        announce_fallback(f"pyckpt: tensors are made one by one in Python because {_tensors_reason}")
     return _tensors_module
 
 

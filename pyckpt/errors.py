@@ -76,3 +76,20 @@ class KeyCollisionError(CheckpointError):
 
 class ExtensionUnavailableError(ImportError):
     """The native extension was required (``PYCKPT_REQUIRE_EXT=1``) but could not be loaded."""
+
+
+_announced_fallbacks: set[str] = set()
+
+
+def announce_fallback(message: str) -> None:
+    """No silent fallback to a slower path: refused under ``PYCKPT_REQUIRE_EXT=1``, otherwise
+    warned about once per message, at the caller of the function that falls back."""
+    from ._env import env_flag
+
+    if env_flag("PYCKPT_REQUIRE_EXT"):
+        raise ExtensionUnavailableError(f"{message} (PYCKPT_REQUIRE_EXT=1 forbids the fallback)")
+    if message not in _announced_fallbacks:
+        _announced_fallbacks.add(message)
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -9,13 +9,13 @@ by default) is allocated once per process and reused; ``release_buffers()`` free
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._env import env_flag, env_positive
+from .._env import env_positive
+from ..errors import announce_fallback
 from ..index.checkpoint import CheckpointIndex
 from ..index.records import METHOD_STORED, StorageRecord
 from ..index.source import FileSource, Source
@@ -77,18 +77,7 @@ def ring_reason() -> str | None:
 
 def _warn_staged() -> None:
     """No silent fallback: say once why CUDA loads go the slow way (or refuse, if asked to)."""
-    global _warned
-    message = f"pyckpt: loads to CUDA are staged through host memory because {ring_reason()}"
-    if env_flag("PYCKPT_REQUIRE_EXT"):
-        from ..errors import ExtensionUnavailableError
-
-        raise ExtensionUnavailableError(f"{message} (PYCKPT_REQUIRE_EXT=1 forbids the fallback)")
-    if not _warned:
-        _warned = True
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-_warned = False
+    announce_fallback(f"pyckpt: loads to CUDA are staged through host memory because {ring_reason()}")
 
 
 def copy_pieces(
