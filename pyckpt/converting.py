@@ -93,11 +93,12 @@ def convert(
             of refusing.
         extract_state_dict: write only the model's state dict (found as ``load_state_dict``
             finds it, also inside a pickled module); implied by safetensors output.
+        progress: called as ``progress(bytes_done, bytes_total)``; from a background thread
+            while the storages of a torch-written file are copied.
 
     The source is read in opaque mode: objects of classes beyond torch's allowlist are
     written back to pt output exactly as they were read (same global, arguments and state),
     never imported or run.
-        progress: called as ``progress(bytes_done, bytes_total)``.
     """
     started = time.perf_counter()
     source, destination = os.fspath(src), os.fspath(dst)
@@ -119,8 +120,9 @@ def convert(
     with AtomicFile(destination, overwrite=overwrite) as output, ExitStack() as cleanup:
         opened = open_source(source)
         cleanup.callback(opened.close)
+        whole_tree = chosen == FORMAT_PT and not extract_state_dict
         copying: SpanCopy | None = None
-        span = _storage_span(opened, backend) if chosen == FORMAT_PT and not extract_state_dict else None
+        span = _storage_span(opened, backend) if whole_tree else None
         if span is not None:
             # Started before indexing, so the copy overlaps the pickle's reading and rewriting.
             copying = cleanup.enter_context(
@@ -132,7 +134,7 @@ def convert(
         try:
             metadata: dict[str, str] = {}
             dropped: list[str] = []
-            if chosen == FORMAT_PT and not extract_state_dict:
+            if whole_tree:
                 root = rename_tree(index.root, key_map, report)
                 tensors = _check_index_views(index, root)
                 payload: Any = root
@@ -144,7 +146,7 @@ def convert(
                 payload = state_dict
                 tensors = _check_all_views(state_dict) if chosen == FORMAT_PT else len(state_dict)
             total = sum(record.nbytes for record in index.storages.values())
-            written = None if copying is None else write_pt_around_span(index, payload, output.fd, span, copying)
+            written = None if copying is None else write_pt_around_span(index, payload, output.fd, copying)
             if written is None:
                 if copying is not None:  # the pickle names its storages otherwise: start over
                     copying.wait()

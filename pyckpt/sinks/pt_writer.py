@@ -45,12 +45,7 @@ def write_pt(
 ) -> WrittenFile:
     data_pkl, storages = pickle_tree(root)
     top = top_folder_for(destination)
-    small = {
-        f"{top}/data.pkl": data_pkl,
-        f"{top}/.format_version": FORMAT_VERSION,
-        f"{top}/.storage_alignment": STORAGE_ALIGNMENT,
-        f"{top}/byteorder": index.byteorder.encode(),
-    }
+    small = {f"{top}/data.pkl": data_pkl, **dict(_head(top, index.byteorder.encode()))}
     layout = [(name, len(data)) for name, data in small.items()]
     layout += [(f"{top}/data/{key}", record.nbytes) for key, record in storages]
     layout.append((f"{top}/version", len(VERSION)))
@@ -85,6 +80,7 @@ def write_pt(
 
 
 def _head(top: str, byteorder: bytes) -> list[tuple[str, bytes]]:
+    """The small records torch writes after data.pkl, in its order."""
     return [
         (f"{top}/.format_version", FORMAT_VERSION),
         (f"{top}/.storage_alignment", STORAGE_ALIGNMENT),
@@ -102,15 +98,15 @@ def span_destination(span: StorageSpan) -> int:
     return end + (span.start - end) % ALIGNMENT
 
 
-def write_pt_around_span(
-    index: CheckpointIndex, root: Any, dest_fd: int, span: StorageSpan, copying: SpanCopy
-) -> WrittenFile | None:
-    """The file as write_pt would write it, with the span copied as is; None if the pickle
-    names other storages than the span's records (nothing is written then)."""
+def write_pt_around_span(index: CheckpointIndex, root: Any, dest_fd: int, copying: SpanCopy) -> WrittenFile | None:
+    """The file as write_pt would write it, around the span ``copying`` copies (placed by
+    :func:`span_destination`); None if the pickle names other storages than the span's
+    records (nothing is written then)."""
     data_pkl, storages = pickle_tree(root)
+    span = copying.span
     if not span.named_by(storages):
         return None
-    top, span_at = span.top, span_destination(span)
+    top, span_at = span.top, copying.dest_start
     head = _head(top, index.byteorder.encode())
     head_records, _ = lay_out([(name, len(data)) for name, data in head])
     end_data_at(head_records[-1], span_at)

@@ -101,6 +101,8 @@ class SpanCopy:
         backend: Backend,
         progress: Callable[[int], None] | None = None,
     ) -> None:
+        self.span = span
+        self.dest_start = dest_start  # where the span's first byte goes in the output
         self.jobs = [
             (span.start + done, min(CHUNK_BYTES, span.length - done), dest_start + done, False)
             for done in range(0, span.length, CHUNK_BYTES)
