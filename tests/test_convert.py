@@ -462,3 +462,45 @@ def test_pt_output_written_record_by_record_when_the_pickle_names_storages_other
     assert all(offset % 64 == 0 for offset in storage_data_offsets(dst))
     assert zipfile.ZipFile(dst).testzip() is None
     assert report.file_bytes == os.path.getsize(dst)  # the span copied first left nothing behind
+
+
+def _span_cases(tmp_path) -> dict[str, tuple[str, bool]]:
+    """Zips whose storage records are (True) or are not (False) one copyable span."""
+    original = factory.save(nn.DataParallel(factory.seeded_net()).state_dict(), tmp_path / "orig.pt")
+    with zipfile.ZipFile(original) as z:
+        records = [(info.filename, z.read(info)) for info in z.infolist()]
+    storages = [record for record in records if "/data/" in record[0]]
+    others = [record for record in records if "/data/" not in record[0]]
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in records:
+            z.writestr(name, data)
+    return {
+        "torch": (original, True),
+        "reordered": (_aligned_zip(tmp_path / "reordered.pt", others[:1] + storages[::-1] + others[1:]), True),
+        "record between": (_aligned_zip(tmp_path / "between.pt", others[:1] + storages[:1] + others[1:2] + storages[1:] + others[2:]), False),
+        "deflated": (str(deflated), False),
+        "no storages": (_aligned_zip(tmp_path / "empty.pt", others), False),
+    }
+
+
+def test_native_and_python_span_finders_agree(tmp_path):
+    """The native span finder (no Python object per record) is the Python one's twin."""
+    from pyckpt._backend import native_backend, python_backend
+    from pyckpt.index.source import open_source
+    from pyckpt.sinks.storage_span import find_storage_span
+
+    from conftest import require_backend
+
+    require_backend("native")
+    for name, (path, copyable) in _span_cases(tmp_path).items():
+        spans = []
+        for backend in (native_backend(), python_backend()):
+            with open_source(path) as source:
+                spans.append(find_storage_span(backend.zip_entries(source)))
+        assert spans[0] == spans[1], name
+        assert (spans[0] is not None) == copyable, name
+        if copyable:
+            infos = sorted((info for info in zipfile.ZipFile(path).infolist() if "/data/" in info.filename),
+                           key=lambda info: info.header_offset)
+            assert spans[0].start == infos[0].header_offset and spans[0].count == len(infos), name

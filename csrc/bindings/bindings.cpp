@@ -96,7 +96,9 @@ PYBIND11_MODULE(_core, m) {
       .def("__len__", &pyckpt::bindings::ZipDirectory::size)
       .def("entry", &pyckpt::bindings::ZipDirectory::entry, py::arg("name"))
       .def("names", &pyckpt::bindings::ZipDirectory::names)
-      .def("all", &pyckpt::bindings::ZipDirectory::all);
+      .def("all", &pyckpt::bindings::ZipDirectory::all)
+      .def("storage_span", &pyckpt::bindings::ZipDirectory::storage_span, py::arg("prefix"), py::arg("alignment"),
+           py::arg("max_gap"));
   m.def("zip_directory_fd", [](int fd, uint64_t size, int threads) {
     std::vector<pyckpt::ZipEntry> entries;
     {

@@ -1,6 +1,9 @@
 #include "bindings/py_zip.h"
 
+#include <algorithm>
 #include <utility>
+
+#include "index/storage_span.h"
 
 namespace py = pybind11;
 
@@ -10,6 +13,8 @@ namespace {
 // Record names are UTF-8 in every torch writer; others go through Python's own cp437
 // decoding (pyckpt.index.py_zip.decode_name), rare enough that the import costs nothing.
 std::string decoded_utf8(const std::string& raw) {
+  const bool ascii = std::all_of(raw.begin(), raw.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; });
+  if (ascii) return raw;  // every torch record name: no Python object made to check it
   PyObject* text = PyUnicode_DecodeUTF8(raw.data(), static_cast<Py_ssize_t>(raw.size()), "strict");
   if (text != nullptr) {
     Py_DECREF(text);
@@ -54,6 +59,14 @@ py::list ZipDirectory::all() const {
   py::list result;
   for (const std::string& name : decoded_) result.append(entry(name));
   return result;
+}
+
+py::object ZipDirectory::storage_span(const std::string& prefix, uint64_t alignment, uint64_t max_gap) const {
+  std::vector<bool> is_storage(entries_.size());
+  for (size_t i = 0; i < entries_.size(); ++i) is_storage[i] = decoded_[i].compare(0, prefix.size(), prefix) == 0;
+  const std::optional<StorageSpanBounds> bounds = find_storage_span(entries_, is_storage, alignment, max_gap);
+  if (!bounds) return py::none();
+  return py::make_tuple(bounds->start, bounds->end, bounds->count);
 }
 
 }  // namespace pyckpt::bindings

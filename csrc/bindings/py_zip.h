@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -23,11 +24,16 @@ class ZipDirectory {
   pybind11::object entry(const std::string& decoded_name) const;  // the tuple, or None
   pybind11::list names() const;                                   // decoded, in directory order
   pybind11::list all() const;                                     // every entry tuple, in order
+  // (start, end, count) of the records named `prefix`..., or None: see index/storage_span.h.
+  pybind11::object storage_span(const std::string& prefix, uint64_t alignment, uint64_t max_gap) const;
+
+  ZipDirectory(const ZipDirectory&) = delete;  // by_name_ views into decoded_
+  ZipDirectory& operator=(const ZipDirectory&) = delete;
 
  private:
   std::vector<ZipEntry> entries_;
-  std::vector<std::string> decoded_;  // UTF-8 of each entry's decoded name
-  std::unordered_map<std::string, size_t> by_name_;
+  std::vector<std::string> decoded_;  // UTF-8 of each entry's decoded name; never regrown
+  std::unordered_map<std::string_view, size_t> by_name_;  // views into decoded_
 };
 
 }  // namespace pyckpt::bindings

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <string_view>
 #include <unordered_set>
 
 #include "core/error.h"
@@ -151,12 +152,22 @@ void resolve_local(ZipEntry& entry, const ByteSource& source, uint64_t cd_offset
   const uint64_t header_offset = entry.header_offset;
   const uint64_t compressed = entry.compressed_size;
   const bool together = cd_offset - header_offset >= kLocalSize + name.size();
-  const std::vector<uint8_t> local = source.read(header_offset, together ? kLocalSize + name.size() : kLocalSize);
-  if (!has_signature(local.data(), 3, 4)) {
+  // A buffer on the stack for the usual short name: an archive of 50,000 records would
+  // otherwise spend more time in malloc than in pread.
+  uint8_t inline_buffer[kLocalSize + 224];
+  const uint64_t wanted = together ? kLocalSize + name.size() : kLocalSize;
+  std::vector<uint8_t> long_buffer;
+  uint8_t* local = inline_buffer;
+  if (wanted > sizeof(inline_buffer)) {
+    long_buffer.resize(wanted);
+    local = long_buffer.data();
+  }
+  source.read_into(header_offset, wanted, local);
+  if (!has_signature(local, 3, 4)) {
     fail("no local header at offset " + str(header_offset), name);
   }
-  const uint64_t local_name_length = u16(local.data() + 26);
-  const uint64_t local_extra_length = u16(local.data() + 28);
+  const uint64_t local_name_length = u16(local + 26);
+  const uint64_t local_extra_length = u16(local + 28);
   const uint64_t data_offset = header_offset + kLocalSize + local_name_length + local_extra_length;
   if (data_offset > cd_offset || compressed > cd_offset - data_offset) {
     fail("data (" + str(compressed) + " bytes at offset " + str(data_offset) +
@@ -165,7 +176,7 @@ void resolve_local(ZipEntry& entry, const ByteSource& source, uint64_t cd_offset
   }
   bool same_name;
   if (together && local_name_length == name.size()) {
-    same_name = std::memcmp(local.data() + kLocalSize, name.data(), name.size()) == 0;
+    same_name = std::memcmp(local + kLocalSize, name.data(), name.size()) == 0;
   } else {
     const std::vector<uint8_t> local_name = source.read(header_offset + kLocalSize, local_name_length);
     same_name = local_name.size() == name.size() &&
@@ -269,7 +280,9 @@ std::vector<ZipEntry> read_zip_entries(const ByteSource& source, int threads) {
   // meets first: entry by entry, central record, then local header, then the duplicate check.
   std::vector<ZipEntry> result;
   result.reserve(static_cast<size_t>(entries));
-  std::unordered_set<std::string> seen;
+  // Views into `result`'s names, which stay put: `result` never grows past its reservation.
+  std::unordered_set<std::string_view> seen;
+  seen.reserve(static_cast<size_t>(entries));
   std::exception_ptr central_error;
   uint64_t pos = 0;
   for (uint64_t i = 0; i < entries; ++i) {

@@ -50,6 +50,7 @@ class PickleWriter:
         self.bare_globals: dict[tuple[str, str], Opaque] = {}  # one object per class, memoised once
         # (dtype, location) -> the bytes of a storage id before and after its key
         self.id_parts: dict[tuple[DType, str], tuple[bytes, bytes]] = {}
+        self.shape_bytes: dict[tuple[int, ...], bytes] = {}  # a size or stride tuple, written
 
     # -- memo ---------------------------------------------------------------------------
     def _memoize(self, obj: Any) -> None:
@@ -226,12 +227,23 @@ class PickleWriter:
 
     def _items(self, mapping: dict[Any, Any]) -> None:
         pairs = list(mapping.items())
+        out, memo, save = self.out, self.memo, self.save
         for start in range(0, len(pairs), BATCH):
-            self.out += b"("
+            out += b"("
             for key, value in pairs[start : start + BATCH]:
-                self.save(key)
-                self.save(value)
-            self.out += b"u"
+                # A state dict's entries, new string keys and tensors, skip save()'s dispatch:
+                # 50,000 of them are most of a many-tensor checkpoint's pickle.
+                if type(key) is str and id(key) not in memo:
+                    encoded = key.encode("utf-8", "surrogatepass")
+                    out += b"X" + _pack_u32(len(encoded)) + encoded
+                    self._memoize(key)
+                else:
+                    save(key)
+                if type(value) is TensorRecord and id(value) not in memo:
+                    self._tensor(value)
+                else:
+                    save(value)
+            out += b"u"
 
     def _global(self, name: str, *, split: bool = True) -> None:
         """GLOBAL of a dotted name, or (``split=False``) of an exact ``module\\nname``."""
@@ -299,11 +311,15 @@ class PickleWriter:
         # Offset, size, stride and requires_grad written directly, and the empty hooks
         # OrderedDict unmemoised: a checkpoint of 50,000 tensors is written in a fraction of
         # the time the generic path takes, with the same opcodes torch's pickler uses.
+        shapes = self.shape_bytes  # sizes and strides repeat: many tensors share a shape
+        size_bytes = shapes.get(record.size)
+        if size_bytes is None:
+            size_bytes = shapes[record.size] = _int_tuple_bytes(record.size)
+        stride_bytes = shapes.get(record.stride)
+        if stride_bytes is None:
+            stride_bytes = shapes[record.stride] = _int_tuple_bytes(record.stride)
         self.out += (
-            _int_bytes(storage_offset)
-            + _int_tuple_bytes(record.size)
-            + _int_tuple_bytes(record.stride)
-            + (b"\x88" if record.requires_grad else b"\x89")
+            _int_bytes(storage_offset) + size_bytes + stride_bytes + (b"\x88" if record.requires_grad else b"\x89")
         )
         self._save_memoised(ORDERED_DICT)
         self.out += b")R"

@@ -104,7 +104,8 @@ def write_pt_around_span(index: CheckpointIndex, root: Any, dest_fd: int, copyin
     records (nothing is written then)."""
     data_pkl, storages = pickle_tree(root)
     span = copying.span
-    if not span.named_by(storages):
+    span_entries = span.records_named_by(storages, index.entries)
+    if span_entries is None:
         return None
     top, span_at = span.top, copying.dest_start
     head = _head(top, index.byteorder.encode())
@@ -120,21 +121,23 @@ def write_pt_around_span(index: CheckpointIndex, root: Any, dest_fd: int, copyin
             crc32=entry.crc32,
             kept_flags=entry.flags & DATA_DESCRIPTOR_FLAG,
         )
-        for entry in span.entries
+        for entry in span_entries
     ]
     tail = [(f"{top}/data.pkl", data_pkl), (f"{top}/version", VERSION)]
     tail_records, cd_offset = lay_out([(name, len(data)) for name, data in tail], start=span_at + span.length)
     for record, (_, data) in zip(head_records + tail_records, head + tail):
         record.crc32 = zlib.crc32(data)
         write_all(dest_fd, local_header(record) + data, record.header_offset)
-    copying.wait()
     # data.pkl first in the directory, as torch lists it: torch's reader takes the archive's
     # top folder from the first entry.
     records = tail_records[:1] + head_records + span_records + tail_records[1:]
     directory = central_directory(records, cd_offset)
+    # Written while the span is still being copied (it lies past the span), so that once
+    # the copy ends only the commit is left.
     write_all(dest_fd, directory, cd_offset)
+    copying.wait()
     return WrittenFile(
-        tensors_bytes=sum(entry.size for entry in span.entries),
-        storages=len(span.entries),
+        tensors_bytes=sum(entry.size for entry in span_entries),
+        storages=len(span_entries),
         file_bytes=cd_offset + len(directory),
     )

@@ -16,11 +16,13 @@ file the general way.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..index.native_bridge import NativeZipEntries
 from ..index.records import METHOD_STORED, StorageRecord, ZipEntry
 from .torch_zip import ALIGNMENT
 
@@ -35,23 +37,33 @@ DATA_DESCRIPTOR_FLAG = 0x0008
 @dataclass(frozen=True)
 class StorageSpan:
     top: str
-    entries: list[ZipEntry]  # the storage records, in file order
     start: int  # source offset of the first storage record's local header
     end: int  # source offset just past the last storage record's data
+    count: int  # storage records in the span
 
     @property
     def length(self) -> int:
         return self.end - self.start
 
-    def named_by(self, storages: list[tuple[str, StorageRecord]]) -> bool:
-        """Whether a pickle's storages, in the order it names them, are exactly this span's records."""
-        if len(storages) != len(self.entries):
-            return False
+    def records_named_by(
+        self, storages: list[tuple[str, StorageRecord]], entries: Mapping[str, ZipEntry]
+    ) -> list[ZipEntry] | None:
+        """The span's records in file order, if a pickle's storages (in the order it names
+        them, renumbered) are exactly those records in that order; else None."""
+        if len(storages) != self.count:
+            return None
         prefix = f"{self.top}/data/"
-        for (key, record), entry in zip(storages, self.entries):
-            if record.record != entry.name or prefix + key != entry.name or record.nbytes != entry.size:
-                return False
-        return True
+        records: list[ZipEntry] = []
+        previous = self.start - 1
+        for key, record in storages:
+            name = prefix + key
+            entry = entries.get(name) if record.record == name else None
+            # Increasing offsets inside the span, as many as it holds: its records, in order.
+            if entry is None or entry.size != record.nbytes or not previous < entry.header_offset < self.end:
+                return None
+            previous = entry.header_offset
+            records.append(entry)
+        return records
 
 
 def find_storage_span(entries: Mapping[str, ZipEntry]) -> StorageSpan | None:
@@ -64,6 +76,9 @@ def find_storage_span(entries: Mapping[str, ZipEntry]) -> StorageSpan | None:
     if f"{top}/constants.pkl" in entries:  # TorchScript: its tensors are rebuilt from elsewhere
         return None
     prefix = f"{top}/data/"
+    if isinstance(entries, NativeZipEntries):  # no Python object per record: the copy starts sooner
+        bounds = entries.directory.storage_span(prefix, ALIGNMENT, MAX_GAP)
+        return None if bounds is None else StorageSpan(top, *bounds)
     storages: list[ZipEntry] = []
     others: list[ZipEntry] = []
     for entry in entries.values():
@@ -82,7 +97,7 @@ def find_storage_span(entries: Mapping[str, ZipEntry]) -> StorageSpan | None:
     start, end = storages[0].header_offset, storages[-1].data_offset + storages[-1].size
     if any(start <= entry.header_offset < end for entry in others):
         return None
-    return StorageSpan(top, storages, start, end)
+    return StorageSpan(top, start, end, len(storages))
 
 
 class SpanCopy:
@@ -121,6 +136,9 @@ class SpanCopy:
                 self._copy(*self._fds, batch)
                 if self._progress is not None:
                     self._progress(sum(job[1] for job in batch))
+            # Flushing the span here, while the main thread still writes the pickle, leaves
+            # the commit's fsync only the pickle to flush instead of the whole file.
+            os.fdatasync(self._fds[1])
         except BaseException as exc:  # handed to the main thread by wait()
             self._error = exc
 
