@@ -23,6 +23,7 @@ from .index.source import FileSource, Source, open_source
 from .index.zip_format import zip_entries_of
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index.records import TensorRecord, describe_value
+from .index.safetensors_format import METADATA_KEY
 from .plan import check_view, iter_records
 from .rename import ROOT, AUTO, RenameReport, RenameRules, locate_state_dict, make_key_map, rename_state_dict, rename_tree
 from .sinks.atomic import AtomicFile
@@ -132,8 +133,10 @@ def convert(
         # thread reads until it is joined (``opened.close`` runs after that).
         index = index_opened(opened, backend, policy=policy_for(UNKNOWN_OPAQUE))
         try:
-            metadata: dict[str, str] = {}
+            metadata: dict[str, str] = dict(index.metadata or {})  # a safetensors source's own
             dropped: list[str] = []
+            if metadata and chosen != FORMAT_SAFETENSORS:
+                dropped.append(f"{METADATA_KEY} ({len(metadata)} strings: only safetensors output keeps them)")
             if whole_tree:
                 root = rename_tree(index.root, key_map, report)
                 tensors = _check_index_views(index, root)
@@ -141,7 +144,8 @@ def convert(
             else:
                 found_under, original = locate_state_dict(index.root, key)
                 if chosen == FORMAT_SAFETENSORS:
-                    metadata, dropped = _metadata_entries(index.root, found_under, drop_extra)
+                    entries, dropped = _metadata_entries(index.root, found_under, drop_extra)
+                    metadata.update(entries)
                 state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
                 payload = state_dict
                 tensors = _check_all_views(state_dict) if chosen == FORMAT_PT else len(state_dict)

@@ -141,10 +141,11 @@ def plan_index(
     decided: dict[tuple[str, bool], StoragePlan] = {}  # one device decision per location
     for storage in index.storages.values():
         if storage.view_of is None:
-            template = decided.get((storage.location, storage.mappable()))
+            viewable = index.can_view(storage)
+            template = decided.get((storage.location, viewable))
             if template is None:
-                template = decided[(storage.location, storage.mappable())] = _plan_one(
-                    storage, map_location, mmap=mmap, can_map=can_map
+                template = decided[(storage.location, viewable)] = _plan_one(
+                    storage, map_location, mmap=mmap, can_map=can_map, viewable=viewable
                 )
             plans[storage.key] = StoragePlan(storage, template.how, template.device, template.location)
     for storage in index.storages.values():
@@ -179,7 +180,9 @@ def plan_storages(
     return plans
 
 
-def _plan_one(storage: StorageRecord, map_location: MapLocation, *, mmap: bool | None, can_map: bool) -> StoragePlan:
+def _plan_one(
+    storage: StorageRecord, map_location: MapLocation, *, mmap: bool | None, can_map: bool, viewable: bool | None = None
+) -> StoragePlan:
     from ._device import location_device, target_location
 
     location = target_location(map_location, storage.location)
@@ -190,6 +193,8 @@ def _plan_one(storage: StorageRecord, map_location: MapLocation, *, mmap: bool |
         return StoragePlan(storage, HOW_RESTORE, None, location)
     if device.type == "meta":
         return StoragePlan(storage, HOW_META, device, location)
-    if device.type == "cpu" and mmap is not False and can_map and storage.mappable():
+    if viewable is None:
+        viewable = storage.mappable()
+    if device.type == "cpu" and mmap is not False and can_map and viewable:
         return StoragePlan(storage, HOW_MAP, device, location)
     return StoragePlan(storage, HOW_READ, device, location)

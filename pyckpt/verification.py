@@ -14,7 +14,7 @@ from typing import Any
 from ._collector import without_collector
 from ._backend import current_backend
 from .errors import CheckpointError
-from .index import FORMAT_LEGACY, index_checkpoint
+from .index import FORMAT_LEGACY, FORMAT_SAFETENSORS, index_checkpoint
 from .index.checkpoint import CheckpointIndex, iter_inflated
 from .index.records import METHOD_DEFLATE, TensorRecord, ZipEntry
 from .plan import check_view, iter_records
@@ -55,8 +55,8 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> VerifyReport:
                     check_view(record, key)
                 except CheckpointError as exc:
                     report.problems.append(str(exc.located(path=index.display)))
-        if index.format == FORMAT_LEGACY:
-            report.notes.append("legacy format: it records no CRCs, so only structure and sizes were checked")
+        if index.format in (FORMAT_LEGACY, FORMAT_SAFETENSORS):
+            report.notes.append(f"{index.format} format: it records no CRCs, so only structure and sizes were checked")
             return report
         try:
             _check_crcs(index, backend, keys_by_record, report)

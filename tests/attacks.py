@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import functools
 import io
+import json
 import os
 import random
 import struct
@@ -988,8 +989,62 @@ def resource_cases() -> list[Case]:
 # =========================================================================================
 
 
+def safetensors_file(header: dict | bytes, data: bytes = b"") -> bytes:
+    """A safetensors file: the header (JSON of a dict, or raw bytes) and the data, as written."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _f32(offsets: list[int], shape: list[int] | None = None, dtype: str = "F32") -> dict:
+    return {"dtype": dtype, "shape": shape if shape is not None else [(offsets[1] - offsets[0]) // 4],
+            "data_offsets": offsets}
+
+
+def safetensors_cases() -> list[Case]:
+    """safetensors headers that lie; each is refused before a tensor byte is read."""
+    data = bytes(range(64))
+    return [
+        Case("st_offsets_overlap", safetensors_file({"a": _f32([0, 16]), "b": _f32([8, 24])}, data[:24]),
+             ("'b'", "overlaps the tensor before it"), "lying"),
+        Case("st_offsets_gap", safetensors_file({"a": _f32([0, 16]), "b": _f32([20, 36])}, data[:36]),
+             ("'b'", "leaves 4 bytes unused before it"), "lying"),
+        Case("st_offsets_past_end", safetensors_file({"a": _f32([0, 16]), "b": _f32([16, 64])}, data[:24]),
+             ("'b'", "run past the end of the data (24 bytes)"), "lying"),
+        Case("st_data_after_last_tensor", safetensors_file({"a": _f32([0, 16])}, data[:24]),
+             ("the tensors' data ends at 16 but the file holds 24 bytes of data",), "lying"),
+        Case("st_unknown_dtype", safetensors_file({"a": _f32([0, 16], dtype="F33")}, data[:16]),
+             ("'a'", "unknown safetensors dtype 'F33'"), "lying"),
+        Case("st_shape_mismatch", safetensors_file({"a": _f32([0, 16], shape=[5])}, data[:16]),
+             ("'a'", "shape [5] of F32 needs 20 bytes but data_offsets [0, 16] give 16"), "lying"),
+        Case("st_shape_huge", safetensors_file({"a": _f32([0, 16], shape=[1 << 40, 1 << 40])}, data[:16]),
+             ("'a'", "needs 4835703278458516698824704 bytes"), "lying"),
+        Case("st_shape_negative", safetensors_file({"a": _f32([0, 16], shape=[-4])}, data[:16]),
+             ("'a'", "is not a list of non-negative integers"), "lying"),
+        Case("st_offsets_reversed", safetensors_file({"a": _f32([16, 0], shape=[0])}, data[:16]),
+             ("'a'", "are not [begin, end] with 0 <= begin <= end"), "lying"),
+        Case("st_header_over_limit", struct.pack("<Q", 100_000_001) + b"{" + bytes(64),
+             ("safetensors header declares 100000001 bytes, over the 100000000 byte limit",), "resource"),
+        Case("st_header_past_eof", struct.pack("<Q", 4096) + b'{"a": 1}',
+             ("safetensors header declares 4096 bytes but the file holds 8",), "damaged"),
+        Case("st_header_not_json", safetensors_file(b'{"a": {"dtype": "F32", '), ("safetensors header is not valid JSON",),
+             "damaged"),
+        Case("st_header_not_utf8", safetensors_file(b'{"\xff": 1}'), ("safetensors header is not valid JSON",), "damaged"),
+        Case("st_header_deep", safetensors_file(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+             ("safetensors header nests too deeply",), "resource"),
+        Case("st_duplicate_keys",
+             safetensors_file(b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, '
+                              b'"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}', data[:32]),
+             ("safetensors header names 'a' twice",), "lying"),
+        Case("st_metadata_not_strings", safetensors_file({"__metadata__": {"epoch": 3}, "a": _f32([0, 16])}, data[:16]),
+             ("safetensors __metadata__ must map names to strings",), "lying"),
+        Case("st_entry_extra_field", safetensors_file({"a": {**_f32([0, 16]), "offset": 0}}, data[:16]),
+             ("'a'", "header entry must hold exactly dtype, shape and data_offsets"), "lying"),
+    ]
+
+
 def build_cases(sentinel_dir: str = DEFAULT_SENTINEL_DIR, *, include_bombs: bool = True) -> list[Case]:
     cases = code_cases(sentinel_dir) + damaged_cases() + lying_cases() + allowlisted_rebuild_cases() + resource_cases()
+    cases += safetensors_cases()
     if include_bombs:
         cases += bomb_cases()
     names = [case.name for case in cases]

@@ -265,6 +265,9 @@ def test_corpus_covers_the_issue():
                  "deep_lists_zip", "deep_dicts_zip", "deep_tuples_zip", "unknown_opcode_ff", "missing_stop",
                  "memo_index_never_stored", "huge_binunicode_length", "bytearray_10e12", "codecs_encode_zlib"):
         assert name in names, name
+    for name in ("st_offsets_overlap", "st_offsets_gap", "st_offsets_past_end", "st_unknown_dtype", "st_shape_mismatch",
+                 "st_header_over_limit", "st_header_not_json", "st_duplicate_keys"):
+        assert name in names, name
     assert sum(n.startswith("zip_truncated_") for n in names) >= 10
     assert sum(n.startswith("legacy_truncated_") for n in names) >= 5
 

@@ -65,6 +65,8 @@ def render(info: dict[str, Any]) -> str:
         f"  byte order  {info['byteorder']}",
         f"  tensors     {info['tensors']} over {info['storages']} storages, {human_bytes(info['storage_bytes'])}",
     ]
+    if info["metadata"]:
+        lines.append("  metadata    " + ", ".join(f"{name}={value!r}" for name, value in info["metadata"].items()))
     if info["compressed_storages"] or info["unaligned_storages"]:
         lines.append(
             f"  warning     {info['compressed_storages']} compressed and {info['unaligned_storages']} unaligned "

@@ -8,6 +8,7 @@ from ..errors import CheckpointError
 from .checkpoint import FORMAT_LEGACY, FORMAT_TORCHSCRIPT, FORMAT_ZIP, CheckpointIndex
 from .legacy_format import index_legacy, looks_legacy
 from .policy import GlobalsPolicy
+from .safetensors_format import FORMAT_SAFETENSORS, index_safetensors, looks_safetensors
 from .source import BufferSource, FileArg, Source, open_source
 from .zip_format import index_zip
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMAT_LEGACY",
+    "FORMAT_SAFETENSORS",
     "FORMAT_TORCHSCRIPT",
     "FORMAT_ZIP",
     "CheckpointIndex",
@@ -76,12 +78,12 @@ def _dispatch(source: Source, backend: Backend, policy: GlobalsPolicy) -> Checkp
         )
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return index_zip(source, backend, policy)
+    # Before the legacy test: a header of about 9 MB has a length that starts like a legacy
+    # file's magic number, but no legacy file has a '{' where the header starts.
+    if looks_safetensors(source, head):
+        return index_safetensors(source)
     if looks_legacy(head):
         return index_legacy(source, backend, policy)
-    if _looks_safetensors(source, head):
-        raise CheckpointError(
-            "this is a safetensors file, not a torch checkpoint (read it with safetensors.torch.load_file)"
-        )
     if source.size >= 262 and source.read(257, 5) == b"ustar":
         raise CheckpointError(
             "this is the pre-1.0 tar checkpoint format, which cannot be read without running "
@@ -89,10 +91,3 @@ def _dispatch(source: Source, backend: Backend, policy: GlobalsPolicy) -> Checkp
         )
     raise CheckpointError(f"not a PyTorch checkpoint (unknown format, starts with {head[:8]!r})")
 
-
-def _looks_safetensors(source: Source, head: bytes) -> bool:
-    """An 8-byte little-endian header length, then a JSON object that fits in the file."""
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    header_length = int.from_bytes(head[:8], "little")
-    return 0 < header_length <= source.size - 8

@@ -15,6 +15,7 @@ FORMAT_ZIP = "zip"
 FORMAT_TORCHSCRIPT = "torchscript"
 FORMAT_LEGACY = "legacy"
 INFLATE_CHUNK = 4 << 20
+TORCH_ALIGNMENT = 64  # of every storage record torch writes
 
 
 @dataclass(eq=False)
@@ -37,6 +38,15 @@ class CheckpointIndex:
     # Where the checkpoint ends within the source (a stream holding several checkpoints is
     # left positioned there, as torch leaves it).
     end: int | None = None
+    # A safetensors file's ``__metadata__`` strings.
+    metadata: dict[str, str] | None = None
+    # Storages may be mapped wherever their dtype is aligned (safetensors, whose offsets are
+    # only that), rather than only at the 64-byte boundaries torch's own files give them.
+    natural_alignment: bool = False
+
+    def can_view(self, storage: StorageRecord) -> bool:
+        """Whether ``storage`` may be handed out as a view of the file mapping."""
+        return storage.mappable(storage.dtype.itemsize if self.natural_alignment else TORCH_ALIGNMENT)
 
     @property
     def display(self) -> str:

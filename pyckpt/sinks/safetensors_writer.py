@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CheckpointError
 from ..index.checkpoint import CheckpointIndex
 from ..index.records import ParameterRecord, StorageRecord, TensorRecord
+from ..index.safetensors_format import SAFETENSORS_CODES
 from ..plan import check_view
 from .copy_plan import Progress, RangeCopy, run_copies
 from .file_copy import write_all
@@ -21,14 +22,6 @@ from .pt_writer import WrittenFile
 if TYPE_CHECKING:
     from .._backend import Backend
 
-# torch dtype name -> safetensors dtype code (those safetensors.torch can load)
-SAFETENSORS_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-    "complex64": "C64", "uint64": "U64", "uint32": "U32", "uint16": "U16",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-    "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
-}
 HEADER_ALIGNMENT = 64
 
 
@@ -41,7 +34,7 @@ def tensor_entries(state_dict: dict[str, Any]) -> list[tuple[str, TensorRecord]]
             raise CheckpointError(
                 "is not a dense tensor (quantized, sparse or subclass), which safetensors cannot hold", key=key
             )
-        if record.dtype.name not in SAFETENSORS_DTYPES:
+        if record.dtype.name not in SAFETENSORS_CODES:
             raise CheckpointError(f"has dtype {record.dtype}, which safetensors cannot hold", key=key)
         check_view(record, key)
         entries.append((key, record))
@@ -65,7 +58,7 @@ def write_safetensors(
     for key, record in entries:
         nbytes = record.nbytes
         header[key] = {
-            "dtype": SAFETENSORS_DTYPES[record.dtype.name],
+            "dtype": SAFETENSORS_CODES[record.dtype.name],
             "shape": list(record.size),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -85,7 +78,8 @@ def write_safetensors(
         else:
             gathered.append((record, data_start + at))
     run_copies(index, direct, dest_fd, backend, progress)
-    _write_gathered(index, gathered, dest_fd, backend, progress)
+    if gathered:  # only views need torch, whose import costs a second and 200 MiB
+        _write_gathered(index, gathered, dest_fd, backend, progress)
     return WrittenFile(
         tensors_bytes=offset,
         storages=len({id(record.storage) for record, _, _ in placed}),

@@ -140,6 +140,26 @@ def _torchscript_bytes() -> bytes:
     return buffer.getvalue()
 
 
+def _safetensors_seeds() -> dict[str, bytes]:
+    """safetensors files: one of every dtype the format has, and one with metadata."""
+    import torch
+    from safetensors.torch import save
+
+    tensors = {
+        "module.w": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+        "module.h": torch.arange(5, dtype=torch.float16),
+        "module.b": torch.arange(6, dtype=torch.float32).bfloat16(),
+        "module.i": torch.arange(-3, 3),
+        "module.m": torch.tensor([True, False]),
+        "module.s": torch.tensor(1.5),
+        "module.e": torch.zeros(0, 2),
+    }
+    return {
+        "safetensors_dtypes": save(tensors),
+        "safetensors_metadata": save({"w": tensors["module.w"]}, metadata={"format": "pt"}),
+    }
+
+
 def seed_inputs(*, include_attacks: bool = True) -> dict[str, bytes]:
     """name -> bytes, each at most MAX_SEED_BYTES."""
     seeds: dict[str, bytes] = {}
@@ -160,6 +180,7 @@ def seed_inputs(*, include_attacks: bool = True) -> dict[str, bytes]:
         seeds["torchscript"] = script
         for i, pickle_bytes in enumerate(_records(script, ".pkl")):
             seeds[f"torchscript_pkl_{i}"] = pickle_bytes
+        seeds.update(_safetensors_seeds())
     if include_attacks:
         import attacks
 
