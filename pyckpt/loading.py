@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from .execute import execute_plan
 from .execute.direct import NOTHING, cpu_only, load_direct
 from .index import index_opened
 from .index.policy import UNKNOWN_ERROR, policy_for
+from .index.sharded import ShardedCheckpoint, checkpoint_files
 from .index.source import BufferSource, FileArg, open_source
 from .plan import plan_index
 from .rename import AUTO, RenameRules, make_key_map, rename_tree
@@ -62,6 +64,11 @@ def load(
         warnings.warn(UNSAFE_WARNING, UserWarning, stacklevel=2)
         obj = torch.load(f, map_location=map_location, weights_only=False, mmap=mmap)
         return rename_tree(obj, key_map)
+    files = checkpoint_files(f)
+    if isinstance(files, ShardedCheckpoint):
+        return rename_tree(_load_shards(files, map_location, mmap, unknown_globals), key_map)
+    if files is not None:  # a model directory holding one file
+        f = files
     backend = current_backend()
     shared_mapping = mmap is True and _mmap_shared()
     source = open_source(f)
@@ -90,6 +97,21 @@ def load(
             raise exc.located(path=index.display)
         except RecursionError:
             raise CheckpointError("object tree nests too deeply", path=index.display) from None
+
+
+def _load_shards(
+    sharded: ShardedCheckpoint, map_location: MapLocation, mmap: bool | None, unknown_globals: str
+) -> OrderedDict[str, Any]:
+    """Every shard's tensors, as one state dict in the index's key order (renamed after, so
+    renaming and its collision errors see every key at once)."""
+    found: dict[str, Any] = {}
+    for shard in sharded.shards:
+        part = load(shard, map_location, mmap=mmap, unknown_globals=unknown_globals)
+        if not isinstance(part, dict):
+            raise CheckpointError(f"shard holds a {type(part).__name__}, not a state dict", path=shard)
+        sharded.check_shard(shard, list(part))
+        found.update(part)
+    return OrderedDict((key, found[key]) for key in sharded.weight_map)
 
 
 def _mmap_shared() -> bool:

@@ -12,6 +12,7 @@ passed as the parameters themselves, which torch's copy skips.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import ExitStack
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ from .index import index_checkpoint
 from .index.checkpoint import CheckpointIndex
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index.records import ParameterRecord, TensorRecord
+from .index.sharded import ShardedCheckpoint, checkpoint_files
 from .index.source import FileArg
 from .plan import check_view, plan_storages
 from .rename import find_state_dict, rename_state_dict, strip_auto
@@ -82,34 +84,82 @@ def load_state_dict(
         raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
     check_map_location(map_location)
     backend = current_backend()
-    # Only the state dict is returned, so objects around it cannot matter: read them opaque.
-    with index_checkpoint(f, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index:
+    targets = model.state_dict(keep_vars=True)
+    staged_location = "cpu" if map_location is None else map_location
+    files = checkpoint_files(f)
+    sharded = files if isinstance(files, ShardedCheckpoint) else None
+    with ExitStack() as opened:
+        # Only the state dict is returned, so objects around it cannot matter: read them opaque.
+        indexes = [
+            opened.enter_context(index_checkpoint(path, backend, policy=policy_for(UNKNOWN_OPAQUE)))
+            for path in (sharded.shards if sharded is not None else [f if files is None else files])
+        ]
+        found, owners = _found_state_dict(indexes, sharded, key)
         try:
-            state_dict = find_state_dict(index.root, key)
-            targets = model.state_dict(keep_vars=True)
-            state_dict = rename_state_dict(
-                state_dict, key_matcher(state_dict, targets), module_map=module_matcher(model)
-            )
-            values = _direct_fill(index, state_dict, targets, model, backend) if not assign else {}
-            staged = {k: v for k, v in state_dict.items() if k not in values}
-            staged_location = "cpu" if map_location is None else map_location
-            # Staged tensors are read, not mapped: a file truncated under us must not SIGBUS
-            # the copy into the model. With assign=True they become the parameters, so they
-            # are mapped like torch.load(mmap=True) would.
-            plans = plan_storages(
-                staged, staged_location, mmap=None if assign else False, can_map=index.source.path is not None
-            )
-            storages = execute_plan(index, plans, staged_location, backend)
-            built = build_objects(staged, storages)
+            state_dict = rename_state_dict(found, key_matcher(found, targets), module_map=module_matcher(model))
         except CheckpointError as exc:
-            raise exc.located(path=index.display)
+            raise exc.located(path=indexes[0].display if sharded is None else sharded.index_path)
+        filled: dict[str, Any] = {}
+        for index in indexes:
+            # This file's part of the (renamed) state dict: renaming keeps the key order.
+            part = state_dict if sharded is None else type(state_dict)(
+                (new, value) for (new, value), owner in zip(state_dict.items(), owners) if owner is index
+            )
+            try:
+                filled.update(_fill_from(index, part, targets, model, backend, staged_location, assign))
+            except CheckpointError as exc:
+                raise exc.located(path=index.display)
     final = type(state_dict)()
     for name in state_dict:
-        final[name] = values[name] if name in values else built[name]
+        final[name] = filled[name]
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
         final._metadata = metadata  # type: ignore[attr-defined]
     return _load_into(model, final, strict=strict, assign=assign)
+
+
+def _found_state_dict(
+    indexes: list[CheckpointIndex], sharded: ShardedCheckpoint | None, key: str | None
+) -> tuple[Any, list[Any]]:
+    """The state dict (of records) of one file, or of every shard merged in the index's key
+    order; and which index each entry is from."""
+    if sharded is None:
+        try:
+            found = find_state_dict(indexes[0].root, key)
+        except CheckpointError as exc:
+            raise exc.located(path=indexes[0].display)
+        return found, [indexes[0]] * len(found)
+    parts: dict[str, tuple[Any, CheckpointIndex]] = {}
+    for index in indexes:
+        try:
+            part = find_state_dict(index.root, key)
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+        sharded.check_shard(index.display, list(part))
+        parts.update((name, (value, index)) for name, value in part.items())
+    merged = OrderedDict((name, parts[name][0]) for name in sharded.weight_map)
+    return merged, [parts[name][1] for name in sharded.weight_map]
+
+
+def _fill_from(
+    index: CheckpointIndex,
+    state_dict: Any,
+    targets: dict[str, Any],
+    model: nn.Module,
+    backend: Any,
+    staged_location: MapLocation,
+    assign: bool,
+) -> dict[str, Any]:
+    """One file's entries: written straight into the model where they can be, else staged."""
+    values = _direct_fill(index, state_dict, targets, model, backend) if not assign else {}
+    staged = {k: v for k, v in state_dict.items() if k not in values}
+    # Staged tensors are read, not mapped: a file truncated under us must not SIGBUS the copy
+    # into the model. With assign=True they become the parameters, so they are mapped like
+    # torch.load(mmap=True) would.
+    plans = plan_storages(staged, staged_location, mmap=None if assign else False, can_map=index.source.path is not None)
+    storages = execute_plan(index, plans, staged_location, backend)
+    built = build_objects(staged, storages)
+    return {name: values[name] if name in values else built[name] for name in state_dict}
 
 
 def _load_into(model: nn.Module, state_dict: Any, *, strict: bool, assign: bool) -> Any:

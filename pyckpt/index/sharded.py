@@ -1,0 +1,127 @@
+"""A checkpoint made of several files: a Hugging Face model directory or its index file.
+
+``model.safetensors.index.json`` (or ``pytorch_model.bin.index.json``) maps every key to the
+shard file that holds it: ``{"metadata": {"total_size": N}, "weight_map": {key: file}}``. A
+directory without an index holds one ``model.safetensors`` or ``pytorch_model.bin``. This
+module finds the files and checks the index against the shards; each shard is then indexed
+like any single file, and the callers merge the shards' state dicts in the index's order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CheckpointError
+
+# In the order transformers prefers them.
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+MAX_INDEX_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class ShardedCheckpoint:
+    """The shard files in first-use order, and which file each key is in (index order)."""
+
+    index_path: str
+    shards: list[str]  # absolute paths
+    weight_map: dict[str, str]  # key -> absolute shard path
+
+    def keys_in(self, shard: str) -> set[str]:
+        by_shard = self.__dict__.get("_by_shard")
+        if by_shard is None:
+            by_shard = {path: set() for path in self.shards}
+            for key, path in self.weight_map.items():
+                by_shard[path].add(key)
+            object.__setattr__(self, "_by_shard", by_shard)
+        return by_shard[shard]
+
+    def check_shard(self, shard: str, keys: list[str]) -> None:
+        """A shard must hold exactly the keys the index gives it."""
+        listed = self.keys_in(shard)
+        unlisted = [key for key in keys if key not in listed]
+        if unlisted:
+            raise CheckpointError(
+                f"shard holds {len(unlisted)} keys the index does not list there, e.g. '{unlisted[0]}'"
+                + (f" (the index puts it in '{os.path.basename(self.weight_map[unlisted[0]])}')"
+                   if unlisted[0] in self.weight_map else ""),
+                path=shard,
+            )
+        held = set(keys)
+        absent = [key for key in listed if key not in held]
+        if absent:
+            raise CheckpointError(
+                f"the index lists {len(absent)} keys in this shard that it does not hold, e.g. '{absent[0]}'", path=shard
+            )
+
+
+def checkpoint_files(f: Any) -> ShardedCheckpoint | str | None:
+    """What ``f`` names: a sharded checkpoint, the one file a model directory holds, or None
+    when ``f`` is not a directory or an index file (then it is read as one checkpoint)."""
+    if not isinstance(f, (str, os.PathLike)):
+        return None
+    path = os.fspath(f)
+    if os.path.isdir(path):
+        for name in INDEX_NAMES:
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return read_index(candidate)
+        for name in SINGLE_NAMES:
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return candidate
+        raise CheckpointError(
+            f"directory holds no checkpoint: none of {', '.join(INDEX_NAMES + SINGLE_NAMES)}", path=path
+        )
+    if path.endswith(".index.json"):
+        return read_index(path)
+    return None
+
+
+def read_index(index_path: str) -> ShardedCheckpoint:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise CheckpointError(f"index names '{key}' twice", path=index_path)
+            result[key] = value
+        return result
+
+    try:
+        size = os.path.getsize(index_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(2, "No such file or directory", index_path) from None
+    if size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"index of {size} bytes is over the {MAX_INDEX_BYTES} byte limit", path=index_path)
+    with open(index_path, "rb") as f:
+        raw = f.read(MAX_INDEX_BYTES + 1)
+    try:
+        document = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"index is not valid JSON ({exc})", path=index_path) from None
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError("index has no weight_map of key -> shard file names", path=index_path)
+    directory = os.path.dirname(os.path.abspath(index_path))
+    shards: dict[str, str] = {}  # as named -> absolute path, in first-use order
+    resolved: dict[str, str] = {}
+    for key, name in weight_map.items():
+        if name not in shards:
+            shards[name] = _shard_path(directory, name, index_path)
+        resolved[key] = shards[name]
+    return ShardedCheckpoint(os.path.abspath(index_path), list(shards.values()), resolved)
+
+
+def _shard_path(directory: str, name: str, index_path: str) -> str:
+    """The shard's path, which must be a file directly beside the index."""
+    parts = name.replace("\\", "/").split("/")
+    if not name or os.path.isabs(name) or any(part in ("", ".", "..") for part in parts) or len(parts) != 1:
+        raise CheckpointError(f"shard '{name}' is not a file name beside the index (it would escape the directory)",
+                              path=index_path)
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"shard '{name}' named by the index is missing", path=index_path)
+    return path

@@ -1,0 +1,169 @@
+"""Sharded Hugging Face checkpoints (a directory with a weight-map index, or the index file
+itself) as input to load and load_state_dict: one flat state dict in the index's order,
+equal to loading every shard with its own library and merging; renaming and its collision
+errors span the shards; every lie of the index is a CheckpointError naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import factory
+import pytest
+import torch
+from compare import assert_same
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import pyckpt
+
+
+def write_sharded(directory, state_dict, *, shard_keys: list[list[str]], kinds: list[str], index_name=None):
+    """HF-style shards: ``kinds[i]`` ("safetensors" or "bin") for the keys ``shard_keys[i]``."""
+    os.makedirs(directory, exist_ok=True)
+    count = len(shard_keys)
+    weight_map = {}
+    for number, (keys, kind) in enumerate(zip(shard_keys, kinds), start=1):
+        name = f"model-{number:05d}-of-{count:05d}." + ("safetensors" if kind == "safetensors" else "bin")
+        part = {key: state_dict[key].clone() for key in keys}  # safetensors refuses tied weights
+        if kind == "safetensors":
+            save_file(part, os.path.join(directory, name))
+        else:
+            torch.save(part, os.path.join(directory, name))
+        weight_map.update({key: name for key in keys})
+    ordered = {key: weight_map[key] for key in state_dict if key in weight_map}
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index_name = index_name or ("model.safetensors.index.json" if kinds[0] == "safetensors" else "pytorch_model.bin.index.json")
+    with open(os.path.join(directory, index_name), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": ordered}, f)
+    return os.path.join(directory, index_name)
+
+
+def dp_state_dict() -> dict[str, torch.Tensor]:
+    return nn.DataParallel(factory.seeded_net()).state_dict()
+
+
+def _thirds(keys: list[str]) -> list[list[str]]:
+    return [keys[0::3], keys[1::3], keys[2::3]]  # interleaved: a shard's keys are not a run
+
+
+@pytest.mark.parametrize("kinds", [["safetensors"] * 3, ["bin"] * 3, ["safetensors", "bin", "safetensors"]])
+def test_load_merges_the_shards_in_index_order(backend, tmp_path, kinds):
+    state_dict = dp_state_dict()
+    index = write_sharded(tmp_path / "m", state_dict, shard_keys=_thirds(list(state_dict)), kinds=kinds)
+    expected: dict[str, torch.Tensor] = {}
+    for name in sorted(os.listdir(tmp_path / "m")):
+        path = str(tmp_path / "m" / name)
+        if name.endswith(".safetensors"):
+            expected.update(load_file(path))
+        elif name.endswith(".bin"):
+            expected.update(torch.load(path, weights_only=True))
+    expected = {key: expected[key] for key in state_dict}  # the index's order
+    for f in (tmp_path / "m", index, str(index)):
+        got = pyckpt.load(f)
+        assert list(got) == list(state_dict)
+        assert_same(expected, dict(got))
+    stripped = pyckpt.load(tmp_path / "m", strip_prefix="auto")
+    assert list(stripped) == [key.removeprefix("module.") for key in state_dict]
+
+
+def test_directory_with_one_file(backend, tmp_path):
+    state_dict = dp_state_dict()
+    (tmp_path / "st").mkdir()
+    save_file({k: v.clone() for k, v in state_dict.items()}, tmp_path / "st" / "model.safetensors")
+    (tmp_path / "pt").mkdir()
+    torch.save(state_dict, tmp_path / "pt" / "pytorch_model.bin")
+    assert_same(load_file(tmp_path / "st" / "model.safetensors"), dict(pyckpt.load(tmp_path / "st")))
+    assert_same(torch.load(tmp_path / "pt" / "pytorch_model.bin", weights_only=True), pyckpt.load(tmp_path / "pt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pyckpt.CheckpointError, match="directory holds no checkpoint"):
+        pyckpt.load(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("kinds", [["safetensors"] * 3, ["bin", "safetensors", "bin"]])
+def test_load_state_dict_from_shards(backend, tmp_path, kinds):
+    source = factory.seeded_net(seed=1)
+    state_dict = nn.DataParallel(source).state_dict()
+    write_sharded(tmp_path / "m", state_dict, shard_keys=_thirds(list(state_dict)), kinds=kinds)
+    model = factory.seeded_net(seed=2)
+    result = pyckpt.load_state_dict(model, tmp_path / "m")
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_same(source.state_dict(), model.state_dict())
+    partial = factory.seeded_net(seed=3)
+    keys = list(state_dict)
+    write_sharded(tmp_path / "part", state_dict, shard_keys=[keys[:2], keys[2:4]], kinds=kinds[:2])
+    result = pyckpt.load_state_dict(partial, tmp_path / "part", strict=False)
+    reference = factory.seeded_net(seed=3)
+    expected = reference.load_state_dict({k.removeprefix("module."): state_dict[k] for k in keys[:4]}, strict=False)
+    assert sorted(result.missing_keys) == sorted(expected.missing_keys) and expected.missing_keys
+    assert_same(reference.state_dict(), partial.state_dict())
+
+
+def test_renaming_collisions_span_the_shards(backend, tmp_path):
+    state_dict = {"module.w": torch.ones(2), "w": torch.zeros(2)}
+    write_sharded(tmp_path / "m", state_dict, shard_keys=[["module.w"], ["w"]], kinds=["safetensors"] * 2)
+    with pytest.raises(pyckpt.CheckpointError, match="module.w") as caught:
+        pyckpt.load(tmp_path / "m", strip_prefix="auto")
+    assert "'w'" in str(caught.value)
+
+
+def _rewrite_index(index, change):
+    with open(index) as f:
+        document = json.load(f)
+    change(document)
+    with open(index, "w") as f:
+        json.dump(document, f)
+
+
+def _lying_cases(tmp_path):
+    state_dict = {f"module.l{i}": torch.full((2,), float(i)) for i in range(4)}
+    keys = list(state_dict)
+
+    def made(name, change=None, extra=None):
+        index = write_sharded(tmp_path / name, state_dict, shard_keys=[keys[:2], keys[2:]], kinds=["safetensors"] * 2)
+        if change is not None:
+            _rewrite_index(index, change)
+        if extra is not None:
+            extra(tmp_path / name)
+        return tmp_path / name
+
+    def first_shard(document):
+        return next(iter(document["weight_map"].values()))
+
+    return {
+        "missing shard": (made("missing", extra=lambda d: os.remove(d / "model-00002-of-00002.safetensors")),
+                          "shard 'model-00002-of-00002.safetensors' named by the index is missing"),
+        "dotdot": (made("dotdot", lambda d: d["weight_map"].update({keys[0]: "../outside.safetensors"})),
+                   "shard '../outside.safetensors' is not a file name beside the index"),
+        "absolute": (made("absolute", lambda d: d["weight_map"].update({keys[0]: "/etc/passwd"})),
+                     "shard '/etc/passwd' is not a file name beside the index"),
+        "key in two shards": (made("two", extra=lambda d: save_file(
+            {keys[0]: state_dict[keys[0]], keys[2]: state_dict[keys[2]], keys[3]: state_dict[keys[3]]},
+            d / "model-00002-of-00002.safetensors")),
+            f"keys the index does not list there, e.g. '{keys[0]}' (the index puts it in 'model-00001-of-00002"),
+        "unlisted key": (made("unlisted", lambda d: d["weight_map"].pop(keys[3])),
+                         f"shard holds 1 keys the index does not list there, e.g. '{keys[3]}'"),
+        "listed key absent": (made("absent", lambda d: d["weight_map"].update({"module.ghost": first_shard(d)})),
+                              "the index lists 1 keys in this shard that it does not hold, e.g. 'module.ghost'"),
+        "no weight_map": (made("nomap", lambda d: d.pop("weight_map")), "index has no weight_map"),
+        "not json": (made("notjson", extra=lambda d: (d / "model.safetensors.index.json").write_text("{\"weight_map\": ")),
+                     "index is not valid JSON"),
+    }
+
+
+def test_lying_index_is_refused(backend, tmp_path):
+    model = nn.Sequential()
+    for name, (directory, message) in _lying_cases(tmp_path).items():
+        for call in (lambda: pyckpt.load(directory), lambda: pyckpt.load_state_dict(model, directory, strict=False)):
+            with pytest.raises(pyckpt.CheckpointError) as caught:
+                call()
+            assert message in str(caught.value), f"{name}: {caught.value}"
+            assert str(directory) in str(caught.value), f"{name}: the message does not name the file: {caught.value}"
+
+
+def test_duplicate_keys_in_the_index(backend, tmp_path):
+    index = write_sharded(tmp_path / "m", {"a": torch.ones(1)}, shard_keys=[["a"]], kinds=["safetensors"])
+    text = open(index).read().replace('"weight_map": {', '"weight_map": {"a": "model-00001-of-00001.safetensors", ', 1)
+    open(index, "w").write(text)
+    with pytest.raises(pyckpt.CheckpointError, match="index names 'a' twice"):
+        pyckpt.load(tmp_path / "m")
