@@ -156,12 +156,12 @@ class PythonBackend(_SharedPaths):
         return crcs
 
     def zip_entries(self, source: Source) -> Mapping[str, ZipEntry]:
-        from .index.py_zip import read_zip_entries
+        from .index.zip_index import read_zip_entries
 
         return {entry.name: entry for entry in read_zip_entries(source)}
 
     def unpickle(self, data: bytes, interpreter: Interpreter, *, start: int = 0) -> tuple[Any, int]:
-        from .index.py_unpickler import unpickle
+        from .index.pickle_vm import unpickle
 
         return unpickle(data, interpreter, start=start)
 

@@ -15,7 +15,7 @@
 namespace pyckpt::bindings {
 
 inline pybind11::object decode_record_name(const std::string& raw) {
-  return pybind11::module_::import("pyckpt.index.py_zip").attr("decode_name")(pybind11::bytes(raw));
+  return pybind11::module_::import("pyckpt.index.zip_index").attr("decode_name")(pybind11::bytes(raw));
 }
 
 inline void raise_checkpoint_error(const CheckpointError& error) {

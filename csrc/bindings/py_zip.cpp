@@ -11,7 +11,7 @@ namespace pyckpt::bindings {
 namespace {
 
 // Record names are UTF-8 in every torch writer; others go through Python's own cp437
-// decoding (pyckpt.index.py_zip.decode_name), rare enough that the import costs nothing.
+// decoding (pyckpt.index.zip_index.decode_name), rare enough that the import costs nothing.
 std::string decoded_utf8(const std::string& raw) {
   const bool ascii = std::all_of(raw.begin(), raw.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; });
   if (ascii) return raw;  // every torch record name: no Python object made to check it
@@ -21,7 +21,7 @@ std::string decoded_utf8(const std::string& raw) {
     return raw;
   }
   PyErr_Clear();
-  py::object decode = py::module_::import("pyckpt.index.py_zip").attr("decode_name");
+  py::object decode = py::module_::import("pyckpt.index.zip_index").attr("decode_name");
   return decode(py::bytes(raw)).cast<std::string>();
 }
 

@@ -76,7 +76,7 @@ bool valid_utf8(const uint8_t* s, size_t n, bool allow_surrogates) {
   throw CheckpointError(ErrorKind::kUnsafe, message);
 }
 
-// Opcodes of protocols 1 and 3 to 5 that only opaque mode reads (py_unpickler's
+// Opcodes of protocols 1 and 3 to 5 that only opaque mode reads (pickle_vm.py's
 // OPAQUE_ONLY_OPCODES).
 bool opaque_only(uint8_t op) {
   switch (op) {

@@ -1,4 +1,4 @@
-// The restricted unpickler: the native twin of pyckpt/index/py_unpickler.py.
+// The restricted unpickler: the native twin of pyckpt/index/pickle_vm.py.
 //
 // By default it accepts exactly the opcodes of torch's weights-only unpickler (protocol 2
 // plus EMPTY_SET) and the globals on the allowlist it is given; in opaque mode it also reads

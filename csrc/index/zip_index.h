@@ -1,4 +1,4 @@
-// The zip central-directory reader: the native twin of pyckpt/index/py_zip.py.
+// The zip central-directory reader: the native twin of pyckpt/index/zip_index.py.
 // Every offset and size is checked against the file; messages match the Python reader.
 #pragma once
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import CheckpointError, UnsafeCheckpointError
-from . import allowlist as names
+from . import call_rules as names
 from .opaque import Opaque
 from .policy import BLOCKED_MODULES, GlobalsPolicy
 from .records import CallRecord, ParameterRecord, ScriptObject, StorageRecord, StorageRef, TensorRecord

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
-from . import allowlist as names
+from . import call_rules as names
 from .._env import io_threads
 from .interpret import Interpreter
 from .policy import BLOCKED_MODULES, MAX_NESTING, PY2_MODULES

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..index.checkpoint import CheckpointIndex
-from .copy_plan import Progress, RangeCopy, known_crc, run_copies
+from .range_copy import Progress, RangeCopy, known_crc, run_copies
 from .file_copy import write_all
 from .pickle_writer import pickle_tree
 from .storage_span import DATA_DESCRIPTOR_FLAG, SpanCopy, StorageSpan

@@ -15,7 +15,7 @@ from ..index.checkpoint import CheckpointIndex
 from ..index.records import ParameterRecord, StorageRecord, TensorRecord
 from ..index.safetensors_format import SAFETENSORS_CODES
 from ..plan import check_view
-from .copy_plan import Progress, RangeCopy, run_copies
+from .range_copy import Progress, RangeCopy, run_copies
 from .file_copy import write_all
 from .pt_writer import WrittenFile
 

@@ -104,8 +104,8 @@ def _import_pyckpt() -> None:
     import pyckpt.execute
     import pyckpt.index
     import pyckpt.index.legacy_format
-    import pyckpt.index.py_unpickler
-    import pyckpt.index.py_zip
+    import pyckpt.index.pickle_vm
+    import pyckpt.index.zip_index
     import pyckpt.index.torchscript
     import pyckpt.loading
     import pyckpt.module_loading
