@@ -18,7 +18,7 @@ from ._collector import without_collector
 from ._backend import current_backend
 from ._units import human_bytes
 from .errors import CheckpointError
-from .index import index_opened
+from .index import index_checkpoint, index_opened
 from .index.source import FileSource, Source, open_source
 from .index.zip_format import zip_entries_of
 from .index.policy import UNKNOWN_OPAQUE, policy_for
@@ -30,6 +30,7 @@ from .sinks.atomic import AtomicFile
 from .sinks.pt_writer import span_destination, write_pt, write_pt_around_span
 from .sinks.storage_span import SpanCopy, StorageSpan, find_storage_span
 from .sinks.safetensors_writer import write_safetensors
+from .sinks.sharded_writer import parse_size, write_sharded
 
 FORMAT_PT = "pt"
 FORMAT_SAFETENSORS = "safetensors"
@@ -80,6 +81,7 @@ def convert(
     drop_extra: bool = False,
     extract_state_dict: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    max_shard_size: int | str | None = None,
 ) -> ConvertReport:
     """Write ``src`` to ``dst`` with renamed keys; nothing stands at ``dst`` unless it succeeds.
 
@@ -96,6 +98,9 @@ def convert(
             finds it, also inside a pickled module); implied by safetensors output.
         progress: called as ``progress(bytes_done, bytes_total)``; from a background thread
             while the storages of a torch-written file are copied.
+        max_shard_size: write ``dst`` as a Hugging Face sharded checkpoint directory with
+            shards of at most this size (bytes, or ``"5GB"``, ``"500MB"``, ``"2GiB"``);
+            safetensors shards unless ``format="pt"``. Implies ``extract_state_dict``.
 
     The source is read in opaque mode: objects of classes beyond torch's allowlist are
     written back to pt output exactly as they were read (same global, arguments and state),
@@ -103,12 +108,19 @@ def convert(
     """
     started = time.perf_counter()
     source, destination = os.fspath(src), os.fspath(dst)
-    chosen = output_format(destination, format)
+    sharded_limit = None if max_shard_size is None else parse_size(max_shard_size)
+    chosen = output_format(destination, format) if sharded_limit is None else (format or FORMAT_SAFETENSORS)
+    output_format("", chosen)  # an unknown format is refused the same way
     if not overwrite and os.path.lexists(destination):
         raise FileExistsError(17, "File exists (use --force to replace it)", destination)
     backend = current_backend()
     key_map = make_key_map(strip_prefix, rename)
     report = RenameReport()
+    if sharded_limit is not None:
+        return _convert_to_shards(
+            source, destination, chosen, sharded_limit, backend, key_map, report, started,
+            key=key, overwrite=overwrite, drop_extra=drop_extra, progress=progress,
+        )
     total = 0
     done = 0
 
@@ -167,6 +179,66 @@ def convert(
         destination=destination,
         format=chosen,
         tensors=tensors,
+        storages=written.storages,
+        tensor_bytes=written.tensors_bytes,
+        file_bytes=written.file_bytes,
+        renamed_keys=report.renamed,
+        seconds=time.perf_counter() - started,
+        examples=report.examples,
+        dropped=dropped,
+    )
+
+
+def _convert_to_shards(
+    source: str,
+    destination: str,
+    chosen: str,
+    limit: int,
+    backend: Any,
+    key_map: Any,
+    report: RenameReport,
+    started: float,
+    *,
+    key: str | None,
+    overwrite: bool,
+    drop_extra: bool,
+    progress: Callable[[int, int], None] | None,
+) -> ConvertReport:
+    """``convert`` into a sharded checkpoint directory (the state dict only, as always for
+    Hugging Face shards)."""
+    with index_checkpoint(source, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index:
+        try:
+            found_under, original = locate_state_dict(index.root, key)
+            metadata: dict[str, str] = dict(index.metadata or {})
+            dropped: list[str] = []
+            if chosen == FORMAT_SAFETENSORS:
+                entries, dropped = _metadata_entries(index.root, found_under, drop_extra)
+                metadata.update(entries)
+            elif metadata:
+                dropped.append(f"{METADATA_KEY} ({len(metadata)} strings: only safetensors output keeps them)")
+            state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
+            if chosen == FORMAT_PT:
+                _check_all_views(state_dict)
+            total = sum(record.nbytes for record in index.storages.values())
+            done = 0
+
+            def advance(nbytes: int) -> None:
+                nonlocal done
+                done += nbytes
+                if progress is not None:
+                    progress(done, max(total, done))
+
+            written = write_sharded(
+                index, state_dict, metadata, destination, safetensors=chosen == FORMAT_SAFETENSORS, limit=limit,
+                overwrite=overwrite, backend=backend, progress=advance,
+            )
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+    return ConvertReport(
+        source=source,
+        destination=destination,
+        format=f"{chosen}, sharded",
+        tensors=len(state_dict),
         storages=written.storages,
         tensor_bytes=written.tensors_bytes,
         file_bytes=written.file_bytes,

@@ -15,6 +15,8 @@ examples:
   pyckpt convert train.pt model.safetensors --key model   # the state dict under 'model'
   pyckpt convert model_pickle.pt sd.pt --extract-state-dict  # torch.save(model) -> state dict
   pyckpt convert ckpt.pt ckpt.pt --force                  # in place: replaced only when complete
+  pyckpt convert ddp.pt hf_dir --max-shard-size 5GB       # sharded safetensors + index.json
+  pyckpt convert model.safetensors plain.pt               # safetensors in, pt out
 
 Storage bytes are copied as they are (no decode/re-encode), only data.pkl is rewritten.
 Objects of classes beyond torch's weights_only allowlist (argparse.Namespace, configs,
@@ -28,7 +30,7 @@ def register(commands: Any) -> None:
         "convert", help=HELP, description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("src", metavar="SRC", help="checkpoint to read (zip, legacy, TorchScript; never modified)")
-    parser.add_argument("dst", metavar="DST", help="file to write")
+    parser.add_argument("dst", metavar="DST", help="file to write (a directory with --max-shard-size)")
     parser.add_argument(
         "--strip-prefix",
         default="auto",
@@ -58,6 +60,13 @@ def register(commands: Any) -> None:
         "--drop-extra",
         action="store_true",
         help="safetensors: drop entries that cannot be kept as metadata instead of refusing",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="write DST as a Hugging Face sharded directory (model-00001-of-0000N.safetensors and "
+        "model.safetensors.index.json; with --format pt, pytorch_model-*.bin) of shards of at most SIZE "
+        "(5GB, 500MB: decimal as Hugging Face counts; 2GiB: binary); the state dict only",
     )
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
@@ -103,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             drop_extra=args.drop_extra,
             extract_state_dict=args.extract_state_dict,
             progress=bar.update,
+            max_shard_size=args.max_shard_size,
         )
     finally:
         bar.close()

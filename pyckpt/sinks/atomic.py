@@ -83,3 +83,69 @@ class AtomicFile:
             self.commit()
         else:
             self.abort()
+
+
+class AtomicDirectory:
+    """A directory that appears at its path complete or not at all.
+
+    Its files are written into a hidden directory beside the destination, each fsynced, and
+    the directory is renamed into place only when all are. An error or Ctrl-C removes it; a
+    SIGKILL leaves only the hidden directory (named ``.NAME.*.pyckpt-tmp``), never a partial
+    destination. Replacing (``overwrite``) moves the old directory aside first, so for that
+    instant nothing stands at the destination; the old one is then removed.
+    """
+
+    def __init__(self, destination: str, *, overwrite: bool = False) -> None:
+        self.destination = os.path.abspath(destination)
+        self.parent = os.path.dirname(self.destination)
+        if not overwrite and os.path.lexists(self.destination):
+            raise FileExistsError(17, "File exists (use --force to replace it)", destination)
+        if not os.path.isdir(self.parent):
+            raise FileNotFoundError(2, "No such directory", self.parent)
+        base = os.path.basename(self.destination)
+        self.path = os.path.join(self.parent, f".{base}.{secrets.token_hex(4)}.pyckpt-tmp")
+        os.mkdir(self.path)
+
+    def create(self, name: str) -> int:
+        """A new file in the directory, open for writing."""
+        return os.open(os.path.join(self.path, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+
+    def commit(self) -> None:
+        _fsync_path(self.path)
+        old = None
+        if os.path.lexists(self.destination):
+            old = f"{self.path}-old"
+            os.replace(self.destination, old)
+        os.replace(self.path, self.destination)
+        _fsync_path(self.parent)
+        if old is not None:
+            _remove(old)
+
+    def abort(self) -> None:
+        _remove(self.path)
+
+    def __enter__(self) -> AtomicDirectory:
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, traceback: Any) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    import shutil
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
