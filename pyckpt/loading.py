@@ -16,11 +16,12 @@ from .errors import CheckpointError
 from .execute import execute_plan
 from .execute.direct import NOTHING, cpu_only, load_direct
 from .index import index_opened
-from .index.policy import UNKNOWN_ERROR, policy_for
+from .index.policy import UNKNOWN_ERROR, GlobalsPolicy, policy_for
 from .index.sharded import ShardedCheckpoint, checkpoint_files
-from .index.source import BufferSource, FileArg, open_source
+from .index.dcp_format import is_dcp_directory
+from .index.source import BufferSource, FileArg, Source, open_source
 from .plan import plan_index
-from .rename import AUTO, RenameRules, make_key_map, rename_tree
+from .rename import AUTO, KeyMap, RenameRules, make_key_map, rename_tree
 from .sinks.objects import build_objects
 
 UNSAFE_WARNING = (
@@ -69,9 +70,24 @@ def load(
         return rename_tree(_load_shards(files, map_location, mmap, unknown_globals), key_map)
     if files is not None:  # a model directory holding one file
         f = files
+    if is_dcp_directory(f):
+        from .dcp_loading import load_dcp
+
+        return rename_tree(load_dcp(os.fspath(f), map_location, unknown_globals), key_map)
+    return load_opened(open_source(f), map_location, mmap=mmap, policy=policy, key_map=key_map)
+
+
+def load_opened(
+    source: Source,
+    map_location: MapLocation,
+    *,
+    mmap: bool | None,
+    policy: GlobalsPolicy,
+    key_map: KeyMap | None = None,
+) -> Any:
+    """``load`` of a source already open (closed when done)."""
     backend = current_backend()
     shared_mapping = mmap is True and _mmap_shared()
-    source = open_source(f)
     try:
         if cpu_only(map_location):  # a plain checkpoint to CPU: one native pass, when it can
             direct = load_direct(source, backend, policy, mmap=mmap, shared_mapping=shared_mapping)

@@ -11,6 +11,7 @@ passed as the parameters themselves, which torch's copy skips.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from contextlib import ExitStack
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from .execute.cpu import CopyJob, run_copy_jobs
 from .execute.device import copy_pieces, ring_capable, ring_config, ring_module
 from .index import index_checkpoint
 from .index.checkpoint import CheckpointIndex
+from .index.dcp_format import is_dcp_directory
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index.records import ParameterRecord, TensorRecord
 from .index.sharded import ShardedCheckpoint, checkpoint_files
@@ -86,6 +88,13 @@ def load_state_dict(
     backend = current_backend()
     targets = model.state_dict(keep_vars=True)
     staged_location = "cpu" if map_location is None else map_location
+    if is_dcp_directory(f):  # assembled from its chunks in host memory, then loaded as torch does
+        from .dcp_loading import load_dcp
+
+        loaded = load_dcp(os.fspath(f), None, UNKNOWN_OPAQUE)  # type: ignore[arg-type]
+        found = find_state_dict(loaded, key)
+        renamed = rename_state_dict(found, key_matcher(found, targets), module_map=module_matcher(model))
+        return _load_into(model, renamed, strict=strict, assign=assign)
     files = checkpoint_files(f)
     sharded = files if isinstance(files, ShardedCheckpoint) else None
     with ExitStack() as opened:

@@ -65,6 +65,8 @@ def checkpoint_files(f: Any) -> ShardedCheckpoint | str | None:
         return None
     path = os.fspath(f)
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, ".metadata")):  # torch.distributed.checkpoint's: dcp_format
+            return None
         for name in INDEX_NAMES:
             candidate = os.path.join(path, name)
             if os.path.isfile(candidate):
@@ -74,7 +76,8 @@ def checkpoint_files(f: Any) -> ShardedCheckpoint | str | None:
             if os.path.isfile(candidate):
                 return candidate
         raise CheckpointError(
-            f"directory holds no checkpoint: none of {', '.join(INDEX_NAMES + SINGLE_NAMES)}", path=path
+            f"directory holds no checkpoint: none of {', '.join(INDEX_NAMES + SINGLE_NAMES)}, nor a DCP .metadata",
+            path=path,
         )
     if path.endswith(".index.json"):
         return read_index(path)

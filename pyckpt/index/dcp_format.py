@@ -1,0 +1,236 @@
+"""Read a ``torch.distributed.checkpoint`` (DCP) directory's ``.metadata`` without running it.
+
+torch reads ``.metadata`` with plain ``pickle.load``. Here the restricted unpickler reads it in
+opaque mode, and the only globals it may name beyond torch's allowlist are the metadata
+dataclasses DCP itself writes (and ``pathlib`` paths); anything else is refused. The opaque
+records are then read as data: which tensors there are (dtype, size, and the chunks that tile
+each), where each chunk's bytes are (a small torch zip inside a ``.distcp`` file), and the
+nested key path of every flat key. Both the 2.4-era layout (3-field ``_StorageInfo``, no
+``version``) and the current one are accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CheckpointError
+from .interpret import Interpreter
+from .opaque import Opaque
+from .policy import UNKNOWN_OPAQUE, policy_for
+from .records import CallRecord
+from .symbols import DType
+
+if TYPE_CHECKING:
+    from .._backend import Backend
+
+METADATA_NAME = ".metadata"
+MAX_METADATA_BYTES = 1 << 30
+_METADATA = "torch.distributed.checkpoint.metadata"
+DCP_GLOBALS = frozenset(
+    {f"{_METADATA}.{name}" for name in ("Metadata", "MetadataIndex", "TensorStorageMetadata", "ChunkStorageMetadata",
+                                        "BytesStorageMetadata", "TensorProperties", "StorageMeta",
+                                        "_MEM_FORMAT_ENCODING")}
+    | {"torch.distributed.checkpoint.filesystem._StorageInfo", "pathlib.PosixPath", "pathlib.WindowsPath",
+       "pathlib.PurePosixPath", "pathlib.PureWindowsPath"}
+)
+
+
+@dataclass(frozen=True)
+class ChunkPlace:
+    offsets: tuple[int, ...]  # where the chunk sits in its tensor
+    sizes: tuple[int, ...]
+    file: str  # absolute path of the .distcp file
+    offset: int  # of the chunk's torch zip in that file
+    length: int
+
+
+@dataclass(frozen=True)
+class DcpTensor:
+    dtype: DType
+    size: tuple[int, ...]
+    chunks: list[ChunkPlace]
+
+
+@dataclass(frozen=True)
+class DcpBytes:
+    place: ChunkPlace  # a torch.save'd object
+
+
+@dataclass(frozen=True)
+class DcpMetadata:
+    directory: str
+    entries: dict[str, DcpTensor | DcpBytes]  # flat key -> entry, in the metadata's order
+    paths: dict[str, tuple[Any, ...]]  # flat key -> nested key path (planner_data)
+
+
+def is_dcp_directory(path: Any) -> bool:
+    return isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(os.fspath(path), METADATA_NAME))
+
+
+def read_dcp_metadata(directory: str, backend: Backend) -> DcpMetadata:
+    directory = os.path.abspath(directory)
+    path = os.path.join(directory, METADATA_NAME)
+    try:
+        return _read(directory, path, backend)
+    except CheckpointError as exc:
+        raise exc.located(path=path)
+
+
+def _read(directory: str, path: str, backend: Backend) -> DcpMetadata:
+    size = os.path.getsize(path)
+    if size > MAX_METADATA_BYTES:
+        raise CheckpointError(f"metadata of {size} bytes is over the {MAX_METADATA_BYTES} byte limit")
+    with open(path, "rb") as f:
+        data = f.read(MAX_METADATA_BYTES + 1)
+
+    def no_persistent_ids(*_: Any) -> Any:
+        raise CheckpointError("DCP metadata holds a persistent id, which DCP never writes")
+
+    interpreter = Interpreter(no_persistent_ids, policy=policy_for(UNKNOWN_OPAQUE))
+    root, _ = backend.unpickle(data, interpreter)
+    foreign = sorted(set(interpreter.unknown_names) - DCP_GLOBALS)
+    if foreign:
+        raise CheckpointError(f"metadata names globals DCP never writes: {', '.join(foreign)}")
+    metadata = _fields(root, "Metadata")
+    storage = _storage_places(directory, metadata.get("storage_data"))
+    entries: dict[str, DcpTensor | DcpBytes] = {}
+    described = metadata.get("state_dict_metadata")
+    if not isinstance(described, dict):
+        raise CheckpointError("metadata has no state_dict_metadata")
+    for key, entry in described.items():
+        if not isinstance(key, str) or not isinstance(entry, Opaque):
+            raise CheckpointError(f"state_dict_metadata entry {key!r} is not a DCP storage description")
+        if entry.name == "BytesStorageMetadata":
+            place = storage.get((key, None))
+            if place is None:
+                raise CheckpointError("no storage_data for this entry", key=key)
+            entries[key] = DcpBytes(place)
+        elif entry.name == "TensorStorageMetadata":
+            entries[key] = _tensor(key, _fields(entry, "TensorStorageMetadata"), storage)
+        else:
+            raise CheckpointError(f"unknown storage description {entry.qualified_name}", key=key)
+    planner_data = metadata.get("planner_data") or {}
+    if not isinstance(planner_data, dict):
+        raise CheckpointError("planner_data is not a mapping of keys to paths")
+    paths = {}
+    for key, value in planner_data.items():
+        if key in entries:
+            if not isinstance(value, (tuple, list)) or not value or not all(type(p) in (str, int) for p in value):
+                raise CheckpointError(f"planner_data path {value!r} is not a tuple of keys and indexes", key=key)
+            if any(type(p) is int and not 0 <= p < (1 << 20) for p in value):
+                raise CheckpointError(f"planner_data path {value!r} has a list index out of range", key=key)
+            paths[key] = tuple(value)
+    return DcpMetadata(directory, entries, paths)
+
+
+def _fields(value: Any, name: str) -> dict[str, Any]:
+    """A dataclass record's fields (its BUILD state)."""
+    if not isinstance(value, Opaque) or value.module not in (_METADATA, "torch.distributed.checkpoint.filesystem") \
+            or value.name != name:
+        raise CheckpointError(f"expected a DCP {name}, found {type(value).__name__} {value!r:.80}")
+    state = value.state
+    if isinstance(state, tuple) and len(state) == 2 and state[0] is None:  # (dict, slots)
+        state = state[1]
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+        state = {**state[0], **(state[1] or {})}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"DCP {name} has no field values")
+    return state
+
+
+def _ints(value: Any, what: str, key: str) -> tuple[int, ...]:
+    if isinstance(value, CallRecord) and value.func_name == "torch.Size" and len(value.args) == 1:
+        value = value.args[0]
+    if not isinstance(value, (tuple, list)) or not all(type(n) is int and n >= 0 for n in value):
+        raise CheckpointError(f"{what} {value!r} is not a tuple of non-negative integers", key=key)
+    return tuple(value)
+
+
+def _storage_places(directory: str, storage_data: Any) -> dict[tuple[str, Any], ChunkPlace]:
+    """(key, chunk offsets or None) -> where the bytes are."""
+    if not isinstance(storage_data, dict):
+        raise CheckpointError("metadata has no storage_data")
+    places: dict[tuple[str, Any], ChunkPlace] = {}
+    sizes: dict[str, int] = {}
+    for index, info in storage_data.items():
+        where = _fields(index, "MetadataIndex")
+        key = where.get("fqn")
+        if not isinstance(key, str):
+            raise CheckpointError("storage_data names an entry without a key")
+        offsets = where.get("offset")
+        chunk_at = None if offsets is None else _ints(offsets, "chunk offset", key)
+        fields = _fields(info, "_StorageInfo")
+        relative, offset, length = fields.get("relative_path"), fields.get("offset"), fields.get("length")
+        if fields.get("transform_descriptors"):
+            raise CheckpointError(
+                f"chunk is stored transformed ({fields['transform_descriptors']!r}), which pyckpt does not read", key=key
+            )
+        if not isinstance(relative, str) or type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            raise CheckpointError(f"storage place {relative!r} at {offset!r} ({length!r} bytes) is malformed", key=key)
+        if not relative or "/" in relative or "\\" in relative or relative in (".", "..") or os.path.isabs(relative):
+            raise CheckpointError(f"storage file '{relative}' is not a file name in the checkpoint directory", key=key)
+        file = os.path.join(directory, relative)
+        if file not in sizes:
+            if not os.path.isfile(file):
+                raise CheckpointError(f"storage file '{relative}' is missing", key=key)
+            sizes[file] = os.path.getsize(file)
+        if offset + length > sizes[file]:
+            raise CheckpointError(
+                f"chunk at offset {offset} ({length} bytes) runs past the end of '{relative}' ({sizes[file]} bytes)",
+                key=key,
+            )
+        places[(key, chunk_at)] = ChunkPlace(chunk_at or (), (), file, offset, length)
+    return places
+
+
+def _tensor(key: str, fields: dict[str, Any], storage: dict[tuple[str, Any], ChunkPlace]) -> DcpTensor:
+    properties = fields.get("properties")
+    dtype = None
+    if isinstance(properties, Opaque) and properties.name == "TensorProperties":
+        state = properties.state
+        if isinstance(state, tuple) and state:  # TensorProperties.__getstate__: (dtype, layout, ...)
+            dtype = state[0]
+        elif isinstance(state, dict):
+            dtype = state.get("dtype")
+    if not isinstance(dtype, DType):
+        raise CheckpointError("tensor has no dtype in its properties", key=key)
+    size = _ints(fields.get("size"), "size", key)
+    chunks = fields.get("chunks")
+    if not isinstance(chunks, list):
+        raise CheckpointError("tensor has no list of chunks", key=key)
+    placed = []
+    for chunk in chunks:
+        chunk_fields = _fields(chunk, "ChunkStorageMetadata")
+        offsets = _ints(chunk_fields.get("offsets"), "chunk offsets", key)
+        sizes = _ints(chunk_fields.get("sizes"), "chunk sizes", key)
+        if len(offsets) != len(size) or len(sizes) != len(size) or any(
+            o + s > n for o, s, n in zip(offsets, sizes, size)
+        ):
+            raise CheckpointError(f"chunk at {list(offsets)} of size {list(sizes)} does not fit in {list(size)}", key=key)
+        place = storage.get((key, offsets))
+        if place is None:
+            raise CheckpointError(f"no storage_data for the chunk at {list(offsets)}", key=key)
+        placed.append(ChunkPlace(offsets, sizes, place.file, place.offset, place.length))
+    _check_tiling(key, size, placed)
+    return DcpTensor(dtype, size, placed)
+
+
+def _check_tiling(key: str, size: tuple[int, ...], chunks: list[ChunkPlace]) -> None:
+    """The chunks cover the tensor exactly: no overlap, nothing left out."""
+    for i, a in enumerate(chunks):
+        for b in chunks[i + 1 :]:
+            if all(max(ao, bo) < min(ao + asz, bo + bsz) for ao, asz, bo, bsz in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
+                raise CheckpointError(f"chunks at {list(a.offsets)} and {list(b.offsets)} overlap", key=key)
+    numel = 1
+    for n in size:
+        numel *= n
+    covered = 0
+    for chunk in chunks:
+        volume = 1
+        for n in chunk.sizes:
+            volume *= n
+        covered += volume
+    if covered != numel:
+        raise CheckpointError(f"chunks cover {covered} of the tensor's {numel} elements", key=key)

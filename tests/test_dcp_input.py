@@ -1,0 +1,214 @@
+"""torch.distributed.checkpoint (DCP) directories as input to load and load_state_dict,
+compared with what torch's own dcp_to_torch_save writes for the same directory, loaded back."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+
+import factory
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from compare import assert_same
+from torch import nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import pyckpt
+
+
+def _save(state_dict, directory) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(state_dict, checkpoint_id=str(directory))
+    return str(directory)
+
+
+def _reference(directory, tmp_path):
+    out = tmp_path / f"{os.path.basename(directory)}-reference.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_to_torch_save(directory, out)
+    return torch.load(out, weights_only=False)  # written by torch from our own test data
+
+
+def _training_state():
+    net = factory.seeded_net()
+    return {
+        "model": nn.DataParallel(net).state_dict(),
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4, 2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "extras": [torch.arange(5), {"inner": torch.zeros(2, dtype=torch.float16)}],
+        "epoch": 7,
+        "name": "run-1",
+        "f8": torch.randn(3).to(torch.float8_e5m2),
+        "scalar": torch.tensor(1.5, dtype=torch.float64),
+    }
+
+
+def test_load_equals_dcp_to_torch_save(backend, tmp_path):
+    directory = _save(_training_state(), tmp_path / "ckpt")
+    expected = _reference(directory, tmp_path)
+    got = pyckpt.load(directory)
+    assert_same(expected, got)
+    assert list(got) == list(expected) and list(got["model"]) == list(expected["model"])
+
+
+def test_renaming_and_load_state_dict(backend, tmp_path):
+    net = factory.seeded_net(seed=4)
+    directory = _save({"model": nn.DataParallel(net).state_dict(), "step": 2}, tmp_path / "ckpt")
+    got = pyckpt.load(directory, strip_prefix="auto")
+    assert list(got["model"]) == list(net.state_dict())
+    for key, tensor in net.state_dict().items():  # DCP keeps no sharing: tied weights come back apart
+        assert_same({key: tensor}, {key: got["model"][key]})
+    model = factory.seeded_net(seed=9)
+    result = pyckpt.load_state_dict(model, directory)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_same(net.state_dict(), model.state_dict())
+
+
+RANK_SCRIPT = r"""
+import os, sys, warnings
+warnings.simplefilter("ignore")
+import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import distribute_tensor, Shard, Replicate
+rank, world, directory, store = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+mesh = init_device_mesh("cpu", (world,))
+torch.manual_seed(0)
+full = {"rows": torch.randn(7, 3), "cols": torch.randn(4, 5).bfloat16(), "rep": torch.arange(6.0), "uneven": torch.arange(5)}
+state = {
+    "rows": distribute_tensor(full["rows"], mesh, [Shard(0)]),
+    "cols": distribute_tensor(full["cols"], mesh, [Shard(1)]),
+    "rep": distribute_tensor(full["rep"], mesh, [Replicate()]),
+    "uneven": distribute_tensor(full["uneven"], mesh, [Shard(0)]),
+    "step": 11,
+}
+dcp.save(state, checkpoint_id=directory)
+if rank == 0:
+    torch.save(full, os.path.join(os.path.dirname(directory), "full.pt"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def sharded_dcp(tmp_path_factory):
+    """A DCP checkpoint saved by two gloo ranks from DTensors sharded on rows and on columns."""
+    root = tmp_path_factory.mktemp("dcp2")
+    directory, store = str(root / "ckpt"), str(root / "store")
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), "2", directory, store],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for process in ranks:
+        _, err = process.communicate(timeout=240)
+        assert process.returncode == 0, err
+    return directory, torch.load(root / "full.pt", weights_only=True)
+
+
+def test_tensors_saved_in_several_chunks(backend, sharded_dcp, tmp_path):
+    directory, full = sharded_dcp
+    from pyckpt.index.dcp_format import read_dcp_metadata
+    from pyckpt._backend import current_backend
+
+    chunks = {key: len(entry.chunks) for key, entry in read_dcp_metadata(directory, current_backend()).entries.items()
+              if hasattr(entry, "chunks")}
+    assert chunks["rows"] == 2 and chunks["cols"] == 2 and chunks["uneven"] == 2  # really sharded
+    got = pyckpt.load(directory)
+    assert_same(_reference(directory, tmp_path), got)
+    for key, tensor in full.items():
+        assert torch.equal(got[key], tensor), key
+    assert got["step"] == 11
+
+
+# -- hostile and damaged DCP directories -----------------------------------------------------
+
+
+def _metadata(directory):
+    with open(os.path.join(directory, ".metadata"), "rb") as f:
+        return pickle.load(f)  # our own test file, written by torch just above
+
+
+def _write_metadata(directory, metadata):
+    with open(os.path.join(directory, ".metadata"), "wb") as f:
+        pickle.dump(metadata, f)
+
+
+class Payload:
+    def __reduce__(self):
+        return (subprocess.Popen, (["touch", "/tmp/pyckpt-dcp-should-not-exist"],))
+
+
+def _cases(tmp_path):
+    state = {"w": torch.arange(12.0).reshape(3, 4), "step": 3}
+
+    def made(name):
+        return _save(state, tmp_path / name)
+
+    cases = {}
+    d = made("foreign")
+    meta = _metadata(d)
+    meta.storage_meta = Payload()
+    _write_metadata(d, meta)
+    cases["foreign global"] = (d, "metadata names globals DCP never writes: subprocess.Popen")
+    d = made("blocked")
+    with open(os.path.join(d, ".metadata"), "wb") as f:
+        f.write(b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R.")
+    cases["blocked module"] = (d, "module os is always blocked")
+    d = made("truncated")
+    distcp = [n for n in os.listdir(d) if n.endswith(".distcp")][0]
+    size = os.path.getsize(os.path.join(d, distcp))
+    os.truncate(os.path.join(d, distcp), size - 100)
+    cases["chunk past the end"] = (d, "runs past the end of '" + distcp)
+    d = made("overlap")
+    meta = _metadata(d)
+    w = meta.state_dict_metadata["w"]
+    first = w.chunks[0]
+    w.chunks.append(type(first)(offsets=torch.Size([1, 0]), sizes=torch.Size([1, 4])))
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    (where,) = [index for index in meta.storage_data if index.fqn == "w"]
+    meta.storage_data[MetadataIndex("w", torch.Size([1, 0]), 1)] = meta.storage_data[where]
+    _write_metadata(d, meta)
+    cases["overlapping chunks"] = (d, "chunks at [0, 0] and [1, 0] overlap")
+    d = made("incomplete")
+    meta = _metadata(d)
+    w = meta.state_dict_metadata["w"]
+    w.chunks[0] = type(w.chunks[0])(offsets=torch.Size([0, 0]), sizes=torch.Size([2, 4]))
+    _write_metadata(d, meta)
+    cases["incomplete tensor"] = (d, "chunks cover 8 of the tensor's 12 elements")
+    d = made("escape")
+    meta = _metadata(d)
+    for index, info in meta.storage_data.items():
+        info.relative_path = "../elsewhere.distcp"
+    _write_metadata(d, meta)
+    cases["path escape"] = (d, "storage file '../elsewhere.distcp' is not a file name in the checkpoint directory")
+    d = made("missing")
+    os.remove(os.path.join(d, distcp))
+    cases["missing file"] = (d, f"storage file '{distcp}' is missing")
+    return cases
+
+
+def test_damaged_dcp_is_refused(backend, tmp_path):
+    for name, (directory, message) in _cases(tmp_path).items():
+        with pytest.raises(pyckpt.CheckpointError) as caught:
+            pyckpt.load(directory)
+        assert message in str(caught.value), f"{name}: {caught.value}"
+        assert directory in str(caught.value), f"{name}: the message does not name the file: {caught.value}"
+    assert not os.path.exists("/tmp/pyckpt-dcp-should-not-exist")
+
+
+def test_2_4_era_layout(backend, tmp_path):
+    """torch 2.4 wrote no ``version`` and a 3-field ``_StorageInfo``: read the same."""
+    directory = _save({"w": torch.arange(6.0), "step": 1}, tmp_path / "old")
+    expected = _reference(directory, tmp_path)
+    meta = _metadata(directory)
+    meta.__dict__.pop("version", None)
+    for info in meta.storage_data.values():
+        info.__dict__.pop("transform_descriptors", None)
+    _write_metadata(directory, meta)
+    with open(os.path.join(directory, ".metadata"), "rb") as f:
+        raw = f.read()
+    assert b"transform_descriptors" not in raw and b"version" not in raw
+    assert_same(expected, pyckpt.load(directory))
