@@ -31,9 +31,11 @@ from .sinks.pt_writer import span_destination, write_pt, write_pt_around_span
 from .sinks.storage_span import SpanCopy, StorageSpan, find_storage_span
 from .sinks.safetensors_writer import write_safetensors
 from .sinks.sharded_writer import parse_size, write_sharded
+from .sinks.dcp_writer import write_dcp
 
 FORMAT_PT = "pt"
 FORMAT_SAFETENSORS = "safetensors"
+FORMAT_DCP = "dcp"
 
 
 @dataclass
@@ -63,8 +65,8 @@ class ConvertReport:
 def output_format(destination: str, requested: str | None) -> str:
     if requested is None:
         return FORMAT_SAFETENSORS if destination.endswith(".safetensors") else FORMAT_PT
-    if requested not in (FORMAT_PT, FORMAT_SAFETENSORS):
-        raise ValueError(f"format must be 'pt' or 'safetensors', not {requested!r}")
+    if requested not in (FORMAT_PT, FORMAT_SAFETENSORS, FORMAT_DCP):
+        raise ValueError(f"format must be 'pt', 'safetensors' or 'dcp', not {requested!r}")
     return requested
 
 
@@ -116,7 +118,14 @@ def convert(
     backend = current_backend()
     key_map = make_key_map(strip_prefix, rename)
     report = RenameReport()
+    if chosen == FORMAT_DCP and sharded_limit is None:
+        return _convert_to_dcp(
+            source, destination, backend, key_map, report, started,
+            key=key, overwrite=overwrite, extract_state_dict=extract_state_dict, progress=progress,
+        )
     if sharded_limit is not None:
+        if chosen == FORMAT_DCP:
+            raise ValueError("--max-shard-size writes Hugging Face shards (pt or safetensors), not DCP")
         return _convert_to_shards(
             source, destination, chosen, sharded_limit, backend, key_map, report, started,
             key=key, overwrite=overwrite, drop_extra=drop_extra, progress=progress,
@@ -246,6 +255,48 @@ def _convert_to_shards(
         seconds=time.perf_counter() - started,
         examples=report.examples,
         dropped=dropped,
+    )
+
+
+def _convert_to_dcp(
+    source: str,
+    destination: str,
+    backend: Any,
+    key_map: Any,
+    report: RenameReport,
+    started: float,
+    *,
+    key: str | None,
+    overwrite: bool,
+    extract_state_dict: bool,
+    progress: Callable[[int, int], None] | None,
+) -> ConvertReport:
+    """``convert`` into a ``torch.distributed.checkpoint`` directory."""
+    with index_checkpoint(source, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index:
+        try:
+            if extract_state_dict:
+                _, original = locate_state_dict(index.root, key)
+                root: Any = original if key_map is None else rename_state_dict(original, key_map, report)
+            else:
+                root = rename_tree(index.root, key_map, report)
+            tensors = _check_all_views(root)
+            total = sum(record.nbytes for record in index.storages.values())
+            done = 0
+
+            def advance(nbytes: int) -> None:
+                nonlocal done
+                done += nbytes
+                if progress is not None:
+                    progress(done, max(total, done))
+
+            written = write_dcp(index, root, destination, overwrite=overwrite, backend=backend, progress=advance)
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+    dropped = [f"{METADATA_KEY} (only safetensors output keeps it)"] if index.metadata else []
+    return ConvertReport(
+        source=source, destination=destination, format=FORMAT_DCP, tensors=tensors, storages=written.storages,
+        tensor_bytes=written.tensors_bytes, file_bytes=written.file_bytes, renamed_keys=report.renamed,
+        seconds=time.perf_counter() - started, examples=report.examples, dropped=dropped,
     )
 
 

@@ -46,7 +46,10 @@ def register(commands: Any) -> None:
         help="re.sub rule applied to every key after --strip-prefix; repeatable, applied in order",
     )
     parser.add_argument(
-        "--format", choices=["pt", "safetensors"], help="output format (default: from DST's extension, else pt)"
+        "--format",
+        choices=["pt", "safetensors", "dcp"],
+        help="output format (default: from DST's extension, else pt); dcp: a torch.distributed.checkpoint "
+        "directory that dcp.load reads with no process group"
     )
     parser.add_argument(
         "--key", metavar="NAME", help="the entry holding the state dict or pickled module (default: found)"

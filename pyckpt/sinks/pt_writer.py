@@ -42,7 +42,11 @@ def write_pt(
     destination: str,
     backend: Backend,
     progress: Progress | None = None,
+    *,
+    base: int = 0,
 ) -> WrittenFile:
+    """``root`` as a torch file at ``base`` in ``dest_fd`` (its offsets relative to ``base``:
+    a DCP chunk is such a file inside a larger one)."""
     data_pkl, storages = pickle_tree(root)
     top = top_folder_for(destination)
     small = {f"{top}/data.pkl": data_pkl, **dict(_head(top, index.byteorder.encode()))}
@@ -56,7 +60,9 @@ def write_pt(
     copies = []
     for (_, storage), record in zip(storages, records[4 : 4 + len(storages)]):
         crc = known_crc(storage)
-        copies.append(RangeCopy(storage, 0, storage.nbytes, record.data_offset, want_crc=crc is None, crc32=crc or 0))
+        copies.append(
+            RangeCopy(storage, 0, storage.nbytes, base + record.data_offset, want_crc=crc is None, crc32=crc or 0)
+        )
     run_copies(index, copies, dest_fd, backend, progress)
     for copy, record in zip(copies, records[4 : 4 + len(storages)]):
         record.crc32 = copy.crc32
@@ -64,11 +70,11 @@ def write_pt(
     for name, data in small.items():
         record = by_name[name]
         record.crc32 = zlib.crc32(data)
-        write_all(dest_fd, data, record.data_offset)
+        write_all(dest_fd, data, base + record.data_offset)
     for record in records:
-        write_all(dest_fd, local_header(record), record.header_offset)
+        write_all(dest_fd, local_header(record), base + record.header_offset)
     tail = central_directory(records, cd_offset)
-    write_all(dest_fd, tail, cd_offset)
+    write_all(dest_fd, tail, base + cd_offset)
     return WrittenFile(
         tensors_bytes=sum(storage.nbytes for _, storage in storages),
         storages=len(storages),
