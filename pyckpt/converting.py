@@ -9,65 +9,40 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import ExitStack
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from typing import Any
 
-from ._collector import without_collector
 from ._backend import current_backend
-from ._units import human_bytes
+from ._collector import without_collector
+from .convert_common import (
+    FORMAT_DCP,
+    FORMAT_PT,
+    FORMAT_SAFETENSORS,
+    ByteProgress,
+    ConvertReport,
+    check_all_views,
+    metadata_entries,
+    output_format,
+)
+from .convert_directories import convert_shards_to_file, convert_to_dcp, convert_to_shards
 from .errors import CheckpointError
-from .index import index_checkpoint, index_opened
+from .index import index_opened
+from .index.dcp_format import is_dcp_directory
+from .index.policy import UNKNOWN_OPAQUE, policy_for
+from .index.safetensors_format import METADATA_KEY
+from .index.sharded import ShardedCheckpoint, checkpoint_files
 from .index.source import FileSource, Source, open_source
 from .index.zip_format import zip_entries_of
-from .index.policy import UNKNOWN_OPAQUE, policy_for
-from .index.records import TensorRecord, describe_value
-from .index.safetensors_format import METADATA_KEY
-from .plan import check_view, iter_records
-from .rename import ROOT, AUTO, RenameReport, RenameRules, locate_state_dict, make_key_map, rename_state_dict, rename_tree
+from .plan import check_view
+from .rename import AUTO, RenameReport, RenameRules, locate_state_dict, make_key_map, rename_state_dict, rename_tree
 from .sinks.atomic import AtomicFile
 from .sinks.pt_writer import span_destination, write_pt, write_pt_around_span
-from .sinks.storage_span import SpanCopy, StorageSpan, find_storage_span
 from .sinks.safetensors_writer import write_safetensors
-from .sinks.sharded_writer import parse_size, write_sharded
-from .sinks.dcp_writer import write_dcp
+from .sinks.sharded_writer import parse_size
+from .sinks.storage_span import SpanCopy, StorageSpan, find_storage_span
 
-FORMAT_PT = "pt"
-FORMAT_SAFETENSORS = "safetensors"
-FORMAT_DCP = "dcp"
-
-
-@dataclass
-class ConvertReport:
-    """What a conversion did."""
-
-    source: str
-    destination: str
-    format: str
-    tensors: int
-    storages: int
-    tensor_bytes: int
-    file_bytes: int
-    renamed_keys: int
-    seconds: float
-    examples: list[tuple[str, str]] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        rate = self.tensor_bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
-        return (
-            f"converted {self.source} -> {self.destination} ({self.format}): {self.tensors} tensors, "
-            f"{human_bytes(self.tensor_bytes)}, {self.renamed_keys} keys renamed, {self.seconds:.2f} s ({rate:.2f} GB/s)"
-        )
-
-
-def output_format(destination: str, requested: str | None) -> str:
-    if requested is None:
-        return FORMAT_SAFETENSORS if destination.endswith(".safetensors") else FORMAT_PT
-    if requested not in (FORMAT_PT, FORMAT_SAFETENSORS, FORMAT_DCP):
-        raise ValueError(f"format must be 'pt', 'safetensors' or 'dcp', not {requested!r}")
-    return requested
+__all__ = ["FORMAT_DCP", "FORMAT_PT", "FORMAT_SAFETENSORS", "ConvertReport", "convert", "output_format"]
 
 
 @without_collector
@@ -118,26 +93,30 @@ def convert(
     backend = current_backend()
     key_map = make_key_map(strip_prefix, rename)
     report = RenameReport()
+    if is_dcp_directory(source):
+        raise CheckpointError("converting from a DCP directory is not supported yet (pyckpt.load reads it)", path=source)
+    files = checkpoint_files(source)
+    sharded = files if isinstance(files, ShardedCheckpoint) else None
+    if isinstance(files, str):  # a model directory holding one file
+        source = files
+    if sharded is not None and chosen != FORMAT_DCP and sharded_limit is None:
+        return convert_shards_to_file(
+            source, sharded, destination, chosen, backend, key_map, report, started, overwrite=overwrite,
+            progress=progress,
+        )
     if chosen == FORMAT_DCP and sharded_limit is None:
-        return _convert_to_dcp(
-            source, destination, backend, key_map, report, started,
+        return convert_to_dcp(
+            source, sharded, destination, backend, key_map, report, started,
             key=key, overwrite=overwrite, extract_state_dict=extract_state_dict, progress=progress,
         )
     if sharded_limit is not None:
         if chosen == FORMAT_DCP:
             raise ValueError("--max-shard-size writes Hugging Face shards (pt or safetensors), not DCP")
-        return _convert_to_shards(
-            source, destination, chosen, sharded_limit, backend, key_map, report, started,
+        return convert_to_shards(
+            source, sharded, destination, chosen, sharded_limit, backend, key_map, report, started,
             key=key, overwrite=overwrite, drop_extra=drop_extra, progress=progress,
         )
-    total = 0
-    done = 0
-
-    def advance(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if progress is not None:
-            progress(done, max(total, done))
+    advance = ByteProgress(0, progress)  # its total is known once the source is indexed
 
     with AtomicFile(destination, overwrite=overwrite) as output, ExitStack() as cleanup:
         opened = open_source(source)
@@ -165,18 +144,18 @@ def convert(
             else:
                 found_under, original = locate_state_dict(index.root, key)
                 if chosen == FORMAT_SAFETENSORS:
-                    entries, dropped = _metadata_entries(index.root, found_under, drop_extra)
+                    entries, dropped = metadata_entries(index.root, found_under, drop_extra)
                     metadata.update(entries)
                 state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
                 payload = state_dict
-                tensors = _check_all_views(state_dict) if chosen == FORMAT_PT else len(state_dict)
-            total = sum(record.nbytes for record in index.storages.values())
+                tensors = check_all_views(state_dict) if chosen == FORMAT_PT else len(state_dict)
+            advance.total = sum(record.nbytes for record in index.storages.values())
             written = None if copying is None else write_pt_around_span(index, payload, output.fd, copying)
             if written is None:
                 if copying is not None:  # the pickle names its storages otherwise: start over
                     copying.wait()
                     os.ftruncate(output.fd, 0)
-                    done = 0
+                    advance.done = 0
                 if chosen == FORMAT_PT:
                     written = write_pt(index, payload, output.fd, destination, backend, advance)
                 else:
@@ -198,108 +177,6 @@ def convert(
     )
 
 
-def _convert_to_shards(
-    source: str,
-    destination: str,
-    chosen: str,
-    limit: int,
-    backend: Any,
-    key_map: Any,
-    report: RenameReport,
-    started: float,
-    *,
-    key: str | None,
-    overwrite: bool,
-    drop_extra: bool,
-    progress: Callable[[int, int], None] | None,
-) -> ConvertReport:
-    """``convert`` into a sharded checkpoint directory (the state dict only, as always for
-    Hugging Face shards)."""
-    with index_checkpoint(source, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index:
-        try:
-            found_under, original = locate_state_dict(index.root, key)
-            metadata: dict[str, str] = dict(index.metadata or {})
-            dropped: list[str] = []
-            if chosen == FORMAT_SAFETENSORS:
-                entries, dropped = _metadata_entries(index.root, found_under, drop_extra)
-                metadata.update(entries)
-            elif metadata:
-                dropped.append(f"{METADATA_KEY} ({len(metadata)} strings: only safetensors output keeps them)")
-            state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
-            if chosen == FORMAT_PT:
-                _check_all_views(state_dict)
-            total = sum(record.nbytes for record in index.storages.values())
-            done = 0
-
-            def advance(nbytes: int) -> None:
-                nonlocal done
-                done += nbytes
-                if progress is not None:
-                    progress(done, max(total, done))
-
-            written = write_sharded(
-                index, state_dict, metadata, destination, safetensors=chosen == FORMAT_SAFETENSORS, limit=limit,
-                overwrite=overwrite, backend=backend, progress=advance,
-            )
-        except CheckpointError as exc:
-            raise exc.located(path=index.display)
-    return ConvertReport(
-        source=source,
-        destination=destination,
-        format=f"{chosen}, sharded",
-        tensors=len(state_dict),
-        storages=written.storages,
-        tensor_bytes=written.tensors_bytes,
-        file_bytes=written.file_bytes,
-        renamed_keys=report.renamed,
-        seconds=time.perf_counter() - started,
-        examples=report.examples,
-        dropped=dropped,
-    )
-
-
-def _convert_to_dcp(
-    source: str,
-    destination: str,
-    backend: Any,
-    key_map: Any,
-    report: RenameReport,
-    started: float,
-    *,
-    key: str | None,
-    overwrite: bool,
-    extract_state_dict: bool,
-    progress: Callable[[int, int], None] | None,
-) -> ConvertReport:
-    """``convert`` into a ``torch.distributed.checkpoint`` directory."""
-    with index_checkpoint(source, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index:
-        try:
-            if extract_state_dict:
-                _, original = locate_state_dict(index.root, key)
-                root: Any = original if key_map is None else rename_state_dict(original, key_map, report)
-            else:
-                root = rename_tree(index.root, key_map, report)
-            tensors = _check_all_views(root)
-            total = sum(record.nbytes for record in index.storages.values())
-            done = 0
-
-            def advance(nbytes: int) -> None:
-                nonlocal done
-                done += nbytes
-                if progress is not None:
-                    progress(done, max(total, done))
-
-            written = write_dcp(index, root, destination, overwrite=overwrite, backend=backend, progress=advance)
-        except CheckpointError as exc:
-            raise exc.located(path=index.display)
-    dropped = [f"{METADATA_KEY} (only safetensors output keeps it)"] if index.metadata else []
-    return ConvertReport(
-        source=source, destination=destination, format=FORMAT_DCP, tensors=tensors, storages=written.storages,
-        tensor_bytes=written.tensors_bytes, file_bytes=written.file_bytes, renamed_keys=report.renamed,
-        seconds=time.perf_counter() - started, examples=report.examples, dropped=dropped,
-    )
-
-
 def _check_index_views(index: Any, root: Any) -> int:
     """Every view the native converter did not check already; the tensors the pickle made.
 
@@ -310,39 +187,9 @@ def _check_index_views(index: Any, root: Any) -> int:
         for record in index.unchecked_views:
             check_view(record, "")
     except CheckpointError:
-        _check_all_views(root)
+        check_all_views(root)
         raise
     return len(index.tensor_records)
-
-
-def _check_all_views(root: Any) -> int:
-    count = 0
-    for path, record in iter_records(root):
-        if isinstance(record, TensorRecord):
-            check_view(record, path)
-            count += 1
-    return count
-
-
-def _metadata_entries(root: Any, found_under: Any, drop_extra: bool) -> tuple[dict[str, str], list[str]]:
-    """Top-level entries beside the state dict, as safetensors metadata (strings and numbers)."""
-    if found_under is ROOT or not isinstance(root, dict):
-        return {}, []
-    metadata: dict[str, str] = {}
-    lost: list[str] = []
-    for name, value in root.items():
-        if name == found_under:
-            continue
-        if isinstance(name, str) and type(value) in (str, int, float, bool):
-            metadata[name] = str(value)
-        else:
-            lost.append(f"{name!r} ({describe_value(value)})")
-    if lost and not drop_extra:
-        raise CheckpointError(
-            "safetensors can only keep string and number entries beside the state dict; these "
-            f"would be lost: {', '.join(lost)} (pass --drop-extra to drop them, or convert to pt)"
-        )
-    return metadata, lost
 
 
 def _storage_span(source: Source, backend: Any) -> StorageSpan | None:

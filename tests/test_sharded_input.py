@@ -167,3 +167,31 @@ def test_duplicate_keys_in_the_index(backend, tmp_path):
     open(index, "w").write(text)
     with pytest.raises(pyckpt.CheckpointError, match="index names 'a' twice"):
         pyckpt.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("output", ["pt", "safetensors", "sharded", "dcp"])
+def test_convert_from_shards(backend, tmp_path, output):
+    """Each tensor is copied from its own shard into one file, new shards or DCP."""
+    state_dict = nn.DataParallel(factory.seeded_net(width=16)).state_dict()
+    write_sharded(tmp_path / "m", state_dict, shard_keys=_thirds(list(state_dict)), kinds=["bin", "safetensors", "bin"])
+    dst = tmp_path / "out"
+    kwargs = {"sharded": {"max_shard_size": 2000}, "dcp": {"format": "dcp"}}.get(output, {"format": output})
+    report = pyckpt.convert(tmp_path / "m", dst, **kwargs)
+    assert report.tensors == len(state_dict) and report.renamed_keys == len(state_dict)
+    got = pyckpt.load(dst)
+    assert list(got) == [key.removeprefix("module.") for key in state_dict]
+    for key, tensor in state_dict.items():
+        assert_same({key: tensor}, {key: got[key.removeprefix("module.")]})
+
+
+def test_convert_from_dcp_says_it_is_not_supported_yet(backend, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(2)}, checkpoint_id=str(tmp_path / "d"))
+    with pytest.raises(pyckpt.CheckpointError, match="converting from a DCP directory is not supported yet"):
+        pyckpt.convert(tmp_path / "d", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()

@@ -44,6 +44,11 @@ class CheckpointIndex:
     # only that), rather than only at the 64-byte boundaries torch's own files give them.
     natural_alignment: bool = False
 
+    def part_for(self, storage: StorageRecord) -> CheckpointIndex:
+        """The index of the file holding ``storage``: this one (a sharded checkpoint's
+        composite index answers with the shard's)."""
+        return self
+
     def can_view(self, storage: StorageRecord) -> bool:
         """Whether ``storage`` may be handed out as a view of the file mapping."""
         return storage.mappable(storage.dtype.itemsize if self.natural_alignment else TORCH_ALIGNMENT)

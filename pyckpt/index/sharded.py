@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError
+from .checkpoint import CheckpointIndex
+from .records import StorageRecord
 
 # In the order transformers prefers them.
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -108,6 +111,8 @@ def read_index(index_path: str) -> ShardedCheckpoint:
     weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError("index has no weight_map of key -> shard file names", path=index_path)
+    if not weight_map:
+        raise CheckpointError("index has an empty weight_map", path=index_path)
     directory = os.path.dirname(os.path.abspath(index_path))
     shards: dict[str, str] = {}  # as named -> absolute path, in first-use order
     resolved: dict[str, str] = {}
@@ -128,3 +133,65 @@ def _shard_path(directory: str, name: str, index_path: str) -> str:
     if not os.path.isfile(path):
         raise CheckpointError(f"shard '{name}' named by the index is missing", path=index_path)
     return path
+
+
+@dataclass(eq=False)
+class CompositeIndex(CheckpointIndex):
+    """The shards' indexes as one: the merged state dict is the root, and each storage is read
+    from the shard it belongs to (``part_for``)."""
+
+    parts: list[CheckpointIndex] = field(default_factory=list)
+    label: str = ""
+    owners: dict[int, CheckpointIndex] = field(default_factory=dict)
+
+    @property
+    def display(self) -> str:
+        return self.label
+
+    def part_for(self, storage: StorageRecord) -> CheckpointIndex:
+        return self.owners[id(storage.view_of or storage)]
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+
+
+def open_sharded(sharded: ShardedCheckpoint, backend: Any, policy: Any) -> CompositeIndex:
+    """Index every shard and merge them (the caller closes the result)."""
+    from . import index_checkpoint
+
+    parts: list[CheckpointIndex] = []
+    try:
+        for shard in sharded.shards:
+            parts.append(index_checkpoint(shard, backend, policy=policy))
+        found: dict[str, Any] = {}
+        owners: dict[int, CheckpointIndex] = {}
+        storages: dict[str, StorageRecord] = {}
+        for part in parts:
+            if not isinstance(part.root, dict):
+                raise CheckpointError(f"shard holds a {type(part.root).__name__}, not a state dict", path=part.display)
+            sharded.check_shard(part.display, list(part.root))
+            found.update(part.root)
+            for key, storage in part.storages.items():
+                owners[id(storage)] = part
+                storages[f"{os.path.basename(part.display)}/{key}"] = storage
+        orders = {part.byteorder for part in parts}
+        if len(orders) > 1:
+            raise CheckpointError("shards differ in byte order", path=sharded.index_path)
+        root = OrderedDict((key, found[key]) for key in sharded.weight_map)
+        return CompositeIndex(
+            source=parts[0].source,
+            format="sharded",
+            root=root,
+            storages=storages,
+            byteorder=orders.pop() if orders else "little",
+            tensor_records=[record for part in parts for record in part.tensor_records],
+            unchecked_views=[record for part in parts for record in part.unchecked_views],
+            parts=parts,
+            label=sharded.index_path,
+            owners=owners,
+        )
+    except BaseException:
+        for part in parts:
+            part.close()
+        raise

@@ -46,7 +46,9 @@ class PickleWriter:
         self.out = bytearray(b"\x80\x02")  # PROTO 2
         self.memo: dict[int, bytes] = {}  # id(obj) -> the opcode that fetches it from the memo
         self.alive: list[Any] = []  # keeps memoised temporaries alive, so ids stay unique
-        self.storages: dict[str, tuple[str, StorageRecord]] = {}  # source key -> (new key, record)
+        # id(record) -> (new key, record): by identity, as the files of a sharded checkpoint
+        # each number their storages from "0"
+        self.storages: dict[int, tuple[str, StorageRecord]] = {}
         self.bare_globals: dict[tuple[str, str], Opaque] = {}  # one object per class, memoised once
         # (dtype, location) -> the bytes of a storage id before and after its key
         self.id_parts: dict[tuple[DType, str], tuple[bytes, bytes]] = {}
@@ -258,9 +260,9 @@ class PickleWriter:
     def _persistent(self, record: StorageRecord) -> None:
         if record.view_of is not None:
             raise CheckpointError(f"storage view '{record.key}' cannot be written as a storage of its own")
-        key = self.storages.get(record.key)
+        key = self.storages.get(id(record))
         if key is None:
-            key = self.storages[record.key] = (str(len(self.storages)), record)
+            key = self.storages[id(record)] = (str(len(self.storages)), record)
         dtype = record.dtype
         numel = record.nbytes // dtype.itemsize if dtype.storage_class is not None else record.nbytes
         encoded = key[0].encode("ascii")  # "0", "1", ...: new for every storage, never memoised

@@ -47,14 +47,15 @@ def known_crc(storage: StorageRecord) -> int | None:
 def run_copies(
     index: CheckpointIndex, copies: list[RangeCopy], dest_fd: int, backend: Backend, progress: Progress | None
 ) -> None:
-    source_fd = index.source.fd  # type: ignore[attr-defined]
     batch: list[RangeCopy] = []
     batch_bytes = 0
+    batch_index: CheckpointIndex | None = None  # every copy of a batch comes from one file
 
     def flush() -> None:
         nonlocal batch, batch_bytes
         if not batch:
             return
+        source_fd = batch_index.source.fd  # type: ignore[union-attr]
         jobs = [(c.storage.data_offset + c.start, c.length, c.dest_offset, c.want_crc) for c in batch]
         for copy, crc in zip(batch, backend.copy_ranges(source_fd, dest_fd, jobs)):
             if copy.want_crc:
@@ -64,10 +65,14 @@ def run_copies(
         batch, batch_bytes = [], 0
 
     for copy in copies:
+        part = index.part_for(copy.storage)
         if copy.storage.method == METHOD_DEFLATE:
             flush()
-            copy.crc32 = _inflate_to_file(index, copy, dest_fd, progress)
+            copy.crc32 = _inflate_to_file(part, copy, dest_fd, progress)
             continue
+        if part is not batch_index:
+            flush()
+            batch_index = part
         batch.append(copy)
         batch_bytes += copy.length
         if batch_bytes >= BATCH_BYTES:

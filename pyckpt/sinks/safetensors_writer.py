@@ -112,7 +112,7 @@ def _write_gathered(
     for record, at in gathered:
         by_storage.setdefault(id(record.storage), (record.storage, []))[1].append((record, at))
     for storage, views in by_storage.values():
-        untyped = read_storages(index, [storage], backend)[storage.key]
+        untyped = read_storages(index.part_for(storage), [storage], backend)[storage.key]
         for record, at in views:
             tensor = torch.empty((0,), dtype=torch_dtype(record.dtype))
             tensor.set_(untyped, record.storage_offset, record.size, record.stride)

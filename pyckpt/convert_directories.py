@@ -1,0 +1,162 @@
+"""Conversions whose input or output is a directory: Hugging Face shards (in and out) and
+``torch.distributed.checkpoint`` output. The single-file path, with its storage span copied
+whole, is :mod:`pyckpt.converting`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .convert_common import (
+    FORMAT_DCP,
+    FORMAT_PT,
+    FORMAT_SAFETENSORS,
+    ByteProgress,
+    ConvertReport,
+    check_all_views,
+    metadata_entries,
+)
+from .errors import CheckpointError
+from .index import index_checkpoint
+from .index.policy import UNKNOWN_OPAQUE, policy_for
+from .index.safetensors_format import METADATA_KEY
+from .index.sharded import ShardedCheckpoint, open_sharded
+from .rename import RenameReport, locate_state_dict, rename_state_dict, rename_tree
+from .sinks.atomic import AtomicFile
+from .sinks.dcp_writer import write_dcp
+from .sinks.pt_writer import write_pt
+from .sinks.safetensors_writer import write_safetensors
+from .sinks.sharded_writer import write_sharded
+
+def convert_to_shards(
+    source: str,
+    sharded: ShardedCheckpoint | None,
+    destination: str,
+    chosen: str,
+    limit: int,
+    backend: Any,
+    key_map: Any,
+    report: RenameReport,
+    started: float,
+    *,
+    key: str | None,
+    overwrite: bool,
+    drop_extra: bool,
+    progress: Callable[[int, int], None] | None,
+) -> ConvertReport:
+    """``convert`` into a sharded checkpoint directory (the state dict only, as always for
+    Hugging Face shards)."""
+    with opened_input(source, sharded, backend) as index:
+        try:
+            found_under, original = locate_state_dict(index.root, key)
+            metadata: dict[str, str] = dict(index.metadata or {})
+            dropped: list[str] = []
+            if chosen == FORMAT_SAFETENSORS:
+                entries, dropped = metadata_entries(index.root, found_under, drop_extra)
+                metadata.update(entries)
+            elif metadata:
+                dropped.append(f"{METADATA_KEY} ({len(metadata)} strings: only safetensors output keeps them)")
+            state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
+            if chosen == FORMAT_PT:
+                check_all_views(state_dict)
+            advance = ByteProgress(sum(record.nbytes for record in index.storages.values()), progress)
+
+            written = write_sharded(
+                index, state_dict, metadata, destination, safetensors=chosen == FORMAT_SAFETENSORS, limit=limit,
+                overwrite=overwrite, backend=backend, progress=advance,
+            )
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+    return ConvertReport(
+        source=source,
+        destination=destination,
+        format=f"{chosen}, sharded",
+        tensors=len(state_dict),
+        storages=written.storages,
+        tensor_bytes=written.tensors_bytes,
+        file_bytes=written.file_bytes,
+        renamed_keys=report.renamed,
+        seconds=time.perf_counter() - started,
+        examples=report.examples,
+        dropped=dropped,
+    )
+
+
+def convert_to_dcp(
+    source: str,
+    sharded: ShardedCheckpoint | None,
+    destination: str,
+    backend: Any,
+    key_map: Any,
+    report: RenameReport,
+    started: float,
+    *,
+    key: str | None,
+    overwrite: bool,
+    extract_state_dict: bool,
+    progress: Callable[[int, int], None] | None,
+) -> ConvertReport:
+    """``convert`` into a ``torch.distributed.checkpoint`` directory."""
+    with opened_input(source, sharded, backend) as index:
+        try:
+            if extract_state_dict:
+                _, original = locate_state_dict(index.root, key)
+                root: Any = original if key_map is None else rename_state_dict(original, key_map, report)
+            else:
+                root = rename_tree(index.root, key_map, report)
+            tensors = check_all_views(root)
+            advance = ByteProgress(sum(record.nbytes for record in index.storages.values()), progress)
+
+            written = write_dcp(index, root, destination, overwrite=overwrite, backend=backend, progress=advance)
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+    dropped = [f"{METADATA_KEY} (only safetensors output keeps it)"] if index.metadata else []
+    return ConvertReport(
+        source=source, destination=destination, format=FORMAT_DCP, tensors=tensors, storages=written.storages,
+        tensor_bytes=written.tensors_bytes, file_bytes=written.file_bytes, renamed_keys=report.renamed,
+        seconds=time.perf_counter() - started, examples=report.examples, dropped=dropped,
+    )
+
+
+def opened_input(source: str, sharded: ShardedCheckpoint | None, backend: Any) -> Any:
+    """The input's index, read in opaque mode: one file's, or every shard's as one."""
+    policy = policy_for(UNKNOWN_OPAQUE)
+    if sharded is not None:
+        return open_sharded(sharded, backend, policy)
+    return index_checkpoint(source, backend, policy=policy)
+
+
+def convert_shards_to_file(
+    source: str,
+    sharded: ShardedCheckpoint,
+    destination: str,
+    chosen: str,
+    backend: Any,
+    key_map: Any,
+    report: RenameReport,
+    started: float,
+    *,
+    overwrite: bool,
+    progress: Callable[[int, int], None] | None,
+) -> ConvertReport:
+    """A sharded checkpoint into one pt or safetensors file, each tensor copied from its shard."""
+    with open_sharded(sharded, backend, policy_for(UNKNOWN_OPAQUE)) as index, AtomicFile(
+        destination, overwrite=overwrite
+    ) as output:
+        try:
+            state_dict = index.root if key_map is None else rename_state_dict(index.root, key_map, report)
+            tensors = check_all_views(state_dict)
+            advance = ByteProgress(sum(record.nbytes for record in index.storages.values()), progress)
+
+            if chosen == FORMAT_PT:
+                written = write_pt(index, state_dict, output.fd, destination, backend, advance)
+            else:
+                written = write_safetensors(index, state_dict, {}, output.fd, backend, advance)
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+    return ConvertReport(
+        source=source, destination=destination, format=chosen, tensors=tensors, storages=written.storages,
+        tensor_bytes=written.tensors_bytes, file_bytes=written.file_bytes, renamed_keys=report.renamed,
+        seconds=time.perf_counter() - started, examples=report.examples,
+    )
