@@ -16,6 +16,7 @@ from .index import index_checkpoint
 from .index.opaque import Opaque
 from .index.policy import BLOCKED_MODULES, UNKNOWN_OPAQUE, GlobalsPolicy, policy_for
 from .index.records import METHOD_STORED, TensorRecord, describe_value
+from .index.sharded import ShardedCheckpoint, checkpoint_files, open_sharded
 from .index.source import FileArg
 from .pickled_module import detach_record, is_pickled_module, module_state_dict
 from .plan import iter_records
@@ -34,7 +35,12 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, rows: int | None = DEFAU
     refuse is reported (``unknown_globals``), never imported.
     """
     backend = current_backend()
-    with index_checkpoint(path, backend, policy=_inspection_policy()) as index:
+    files = checkpoint_files(path)
+    if isinstance(files, ShardedCheckpoint):  # every shard, described as one checkpoint
+        opened: Any = open_sharded(files, backend, _inspection_policy())
+    else:
+        opened = index_checkpoint(files if isinstance(files, str) else path, backend, policy=_inspection_policy())
+    with opened as index:
         try:
             return _describe(index, rows, backend.name)
         except CheckpointError as exc:
@@ -82,7 +88,8 @@ def _describe(index: Any, rows: int | None, backend_name: str) -> dict[str, Any]
         "format": index.format,
         "top_folder": index.top_folder,
         "byteorder": index.byteorder,
-        "file_bytes": index.source.size,
+        "file_bytes": index.file_bytes,
+        "files": [part.display for part in getattr(index, "parts", [])],
         "tensors": len(tensors),
         "storages": len(index.storages),
         "storage_bytes": sum(s.nbytes for s in storages),

@@ -16,7 +16,9 @@ from ._backend import current_backend
 from .errors import CheckpointError
 from .index import FORMAT_LEGACY, FORMAT_SAFETENSORS, index_checkpoint
 from .index.checkpoint import CheckpointIndex, iter_inflated
+from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index.records import METHOD_DEFLATE, TensorRecord, ZipEntry
+from .index.sharded import ShardedCheckpoint, checkpoint_files, open_sharded
 from .plan import check_view, iter_records
 
 
@@ -37,6 +39,36 @@ class VerifyReport:
 
 @without_collector
 def verify_checkpoint(path: str | os.PathLike[str]) -> VerifyReport:
+    """Every check on one file; for a sharded directory, on every shard and on the index."""
+    try:
+        files = checkpoint_files(path)
+    except CheckpointError as exc:
+        report = VerifyReport(os.fspath(path))
+        report.problems.append(str(exc))
+        return report
+    if isinstance(files, ShardedCheckpoint):
+        return _verify_shards(os.fspath(path), files)
+    return _verify_file(files if isinstance(files, str) else path)
+
+
+def _verify_shards(path: str, sharded: ShardedCheckpoint) -> VerifyReport:
+    report = VerifyReport(path, format="sharded")
+    for shard in sharded.shards:
+        part = _verify_file(shard)
+        report.records += part.records
+        report.bytes_checked += part.bytes_checked
+        report.tensors += part.tensors
+        report.problems += part.problems
+        report.notes += [f"{os.path.basename(shard)}: {note}" for note in part.notes]
+    if not report.problems:  # every shard reads: now the index against what they hold
+        try:
+            open_sharded(sharded, current_backend(), policy_for(UNKNOWN_OPAQUE)).close()
+        except CheckpointError as exc:
+            report.problems.append(str(exc))
+    return report
+
+
+def _verify_file(path: str | os.PathLike[str]) -> VerifyReport:
     report = VerifyReport(os.fspath(path))
     backend = current_backend()
     try:

@@ -195,3 +195,26 @@ def test_convert_from_dcp_says_it_is_not_supported_yet(backend, tmp_path):
     with pytest.raises(pyckpt.CheckpointError, match="converting from a DCP directory is not supported yet"):
         pyckpt.convert(tmp_path / "d", tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_inspect_and_verify_a_sharded_directory(backend, tmp_path):
+    from pyckpt.inspection import inspect_checkpoint
+    from pyckpt.verification import verify_checkpoint
+
+    state_dict = nn.DataParallel(factory.seeded_net(width=16)).state_dict()
+    index = write_sharded(tmp_path / "m", state_dict, shard_keys=_thirds(list(state_dict)), kinds=["bin", "safetensors", "bin"])
+    info = inspect_checkpoint(tmp_path / "m")
+    assert info["format"] == "sharded" and info["path"] == index
+    assert len(info["files"]) == 3 and all(os.path.dirname(f) == str(tmp_path / "m") for f in info["files"])
+    assert info["tensors"] == len(state_dict)
+    assert [row["key"] for row in info["table"]] == list(state_dict)
+    assert info["tensor_bytes"] == sum(t.numel() * t.element_size() for t in state_dict.values())
+    assert info["file_bytes"] == sum(os.path.getsize(f) for f in info["files"])
+    assert info["unaligned_storages"] == 0  # safetensors shards map at their natural alignment
+    assert info["state_dicts"][0]["auto_strip"]["renamed"] == len(state_dict)
+    report = verify_checkpoint(tmp_path / "m")
+    assert report.ok and report.format == "sharded" and report.tensors == len(state_dict)
+    assert report.records > 0  # the .bin shards' records were CRC-checked
+    _rewrite_index(index, lambda d: d["weight_map"].update({"module.ghost": d["weight_map"]["module.scale"]}))
+    report = verify_checkpoint(tmp_path / "m")
+    assert not report.ok and "'module.ghost'" in report.problems[0]

@@ -61,7 +61,8 @@ def to_json(info: dict[str, Any]) -> str:
 def render(info: dict[str, Any]) -> str:
     lines = [
         f"{info['path']}",
-        f"  format      {info['format']}" + (f" (top folder '{info['top_folder']}')" if info["top_folder"] else ""),
+        f"  format      {info['format']}" + (f" (top folder '{info['top_folder']}')" if info["top_folder"] else "")
+        + (f", {len(info['files'])} files" if info["files"] else ""),
         f"  byte order  {info['byteorder']}",
         f"  tensors     {info['tensors']} over {info['storages']} storages, {human_bytes(info['storage_bytes'])}",
     ]

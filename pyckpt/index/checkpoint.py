@@ -44,6 +44,10 @@ class CheckpointIndex:
     # only that), rather than only at the 64-byte boundaries torch's own files give them.
     natural_alignment: bool = False
 
+    @property
+    def file_bytes(self) -> int:
+        return self.source.size
+
     def part_for(self, storage: StorageRecord) -> CheckpointIndex:
         """The index of the file holding ``storage``: this one (a sharded checkpoint's
         composite index answers with the shard's)."""

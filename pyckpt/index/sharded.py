@@ -148,8 +148,15 @@ class CompositeIndex(CheckpointIndex):
     def display(self) -> str:
         return self.label
 
+    @property
+    def file_bytes(self) -> int:
+        return sum(part.source.size for part in self.parts)
+
     def part_for(self, storage: StorageRecord) -> CheckpointIndex:
         return self.owners[id(storage.view_of or storage)]
+
+    def can_view(self, storage: StorageRecord) -> bool:
+        return self.part_for(storage).can_view(storage)
 
     def close(self) -> None:
         for part in self.parts:
@@ -186,6 +193,8 @@ def open_sharded(sharded: ShardedCheckpoint, backend: Any, policy: Any) -> Compo
             storages=storages,
             byteorder=orders.pop() if orders else "little",
             tensor_records=[record for part in parts for record in part.tensor_records],
+            unknown_globals={name: sum(part.unknown_globals.get(name, 0) for part in parts)
+                             for part in parts for name in part.unknown_globals},
             unchecked_views=[record for part in parts for record in part.unchecked_views],
             parts=parts,
             label=sharded.index_path,
