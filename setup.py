@@ -36,6 +36,7 @@ def _extensions():
     core = Extension(
         name="pyckpt._core",
         sources=["csrc/bindings/bindings.cpp", "csrc/bindings/py_tree.cpp", "csrc/bindings/py_zip.cpp",
+                 "csrc/bindings/io_bindings.cpp",
                  *sources("core", "index", "io")],
         include_dirs=[os.path.join(ROOT, "csrc"), pybind11.get_include()],
         extra_compile_args=["-std=c++17", *flags],

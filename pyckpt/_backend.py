@@ -229,14 +229,10 @@ class NativeBackend(_SharedPaths):
         return torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage()
 
     def read_into(self, source: Source, jobs: list[tuple[int, torch.Tensor]]) -> None:
-        from .index.source import FileSource
+        from .index.native_bridge import native_source
 
-        threads = io_threads()
         buffers = [(offset, tensor.numpy()) for offset, tensor in jobs]
-        if isinstance(source, FileSource):
-            self.module.read_into_fd(source.fd, source.size, buffers, threads)
-        else:
-            self.module.read_into_buffer(source.buffer(), buffers, threads)
+        self.module.read_into(native_source(source), source.size, buffers, io_threads())
 
     def copy_ranges(self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, int, bool]]) -> list[int]:
         return list(self.module.copy_ranges(source_fd, dest_fd, jobs, io_threads()))
@@ -253,11 +249,9 @@ class NativeBackend(_SharedPaths):
         return result
 
     def crc32_ranges(self, source: Source, ranges: list[tuple[int, int]]) -> list[int]:
-        from .index.source import FileSource
+        from .index.native_bridge import native_source
 
-        if isinstance(source, FileSource):
-            return list(self.module.crc32_ranges_fd(source.fd, source.size, ranges, io_threads()))
-        return list(self.module.crc32_ranges_buffer(source.buffer(), ranges, io_threads()))
+        return list(self.module.crc32_ranges(native_source(source), source.size, ranges, io_threads()))
 
 
 _state: tuple[Backend, BackendInfo] | None = None

@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "bindings/buffer_view.h"
 #include "bindings/py_zip.h"
 #include "core/error.h"
 #include "index/view_check.h"
@@ -462,6 +463,23 @@ pickle::Rules rules_from(const py::dict& rules) {
 
 py::object tree_to_python(const pickle::Tree& tree, py::object interpreter, int max_nesting) {
   return TreeConverter(tree, std::move(interpreter), max_nesting).convert_all();
+}
+
+void register_unpickler(py::module_& m) {
+  m.def(
+      "unpickle",
+      [](const py::buffer& data, uint64_t start, py::object interpreter, const py::dict& rules, int max_nesting) {
+        BufferView view = view_of(data);
+        const pickle::Rules parsed = rules_from(rules);
+        pickle::Tree tree;
+        {
+          py::gil_scoped_release release;
+          tree = pickle::unpickle(view.data, view.size, start, parsed);
+        }
+        py::object root = tree_to_python(tree, std::move(interpreter), max_nesting);
+        return py::make_tuple(root, tree.end);
+      },
+      py::arg("data"), py::arg("start"), py::arg("interpreter"), py::arg("rules"), py::arg("max_nesting"));
 }
 
 }  // namespace pyckpt::bindings

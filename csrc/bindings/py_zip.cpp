@@ -1,8 +1,10 @@
 #include "bindings/py_zip.h"
 
 #include <algorithm>
+#include <memory>
 #include <utility>
 
+#include "bindings/source_arg.h"
 #include "index/storage_span.h"
 
 namespace py = pybind11;
@@ -67,6 +69,27 @@ py::object ZipDirectory::storage_span(const std::string& prefix, uint64_t alignm
   const std::optional<StorageSpanBounds> bounds = find_storage_span(entries_, is_storage, alignment, max_gap);
   if (!bounds) return py::none();
   return py::make_tuple(bounds->start, bounds->end, bounds->count);
+}
+
+void register_zip(py::module_& m) {
+  py::class_<ZipDirectory, std::shared_ptr<ZipDirectory>>(m, "ZipDirectory")
+      .def("__len__", &ZipDirectory::size)
+      .def("entry", &ZipDirectory::entry, py::arg("name"))
+      .def("names", &ZipDirectory::names)
+      .def("all", &ZipDirectory::all)
+      .def("storage_span", &ZipDirectory::storage_span, py::arg("prefix"), py::arg("alignment"), py::arg("max_gap"));
+  m.def(
+      "zip_directory",
+      [](const py::object& source, uint64_t size, int threads) {
+        const SourceArg bytes(source, size);
+        std::vector<ZipEntry> entries;
+        {
+          py::gil_scoped_release release;
+          entries = read_zip_entries(bytes.get(), threads);
+        }
+        return std::make_shared<ZipDirectory>(std::move(entries));
+      },
+      py::arg("source"), py::arg("size"), py::arg("threads"));
 }
 
 }  // namespace pyckpt::bindings

@@ -36,4 +36,7 @@ class ZipDirectory {
   std::unordered_map<std::string_view, size_t> by_name_;  // views into decoded_
 };
 
+// Registers ZipDirectory and zip_directory(source, size, threads) (see source_arg.h).
+void register_zip(pybind11::module_& m);
+
 }  // namespace pyckpt::bindings

@@ -16,9 +16,12 @@ from .source import FileSource, Source
 
 def zip_entries(native: ModuleType, source: Source) -> NativeZipEntries:
     threads = io_threads()
-    if isinstance(source, FileSource):
-        return NativeZipEntries(native.zip_directory_fd(source.fd, source.size, threads))
-    return NativeZipEntries(native.zip_directory_buffer(source.buffer(), threads))
+    return NativeZipEntries(native.zip_directory(native_source(source), source.size, threads))
+
+
+def native_source(source: Source) -> Any:
+    """What the native core takes for a source: its file descriptor, or its buffer."""
+    return source.fd if isinstance(source, FileSource) else source.buffer()
 
 
 class NativeZipEntries(Mapping[str, ZipEntry]):

@@ -1,0 +1,203 @@
+"""Formats benchmark: safetensors, sharded Hugging Face directories and DCP, in and out.
+
+    python benchmarks/bench_formats.py [--size-gib 2] [--repeat 3] [--data-dir DIR]
+
+One run, two tables, on the transformer-shaped DataParallel checkpoint of common.py
+(>= 2 GiB, warm page cache), each row in a fresh process:
+
+- load_state_dict into a built model from the pt file (the baseline), from the same tensors
+  as one safetensors file and as a sharded safetensors directory (500 MB shards), and
+  safetensors' own load_file + load_state_dict; x baseline below 1 is faster than from pt.
+- conversions by the command line, a whole process each, against cp + fsync of the source:
+  pt to safetensors, to sharded safetensors, to DCP; sharded and safetensors back to pt; and
+  torch's own DCP-to-safetensors recipe (dcp_to_torch_save, then safetensors' save_file) for
+  reference. Peak RSS is shown above a bare ``import pyckpt`` (the CLI never needs more
+  unless it writes DCP, whose metadata classes are torch's).
+
+Inputs derived from the checkpoint (the sharded directory, the DCP directory) are made once,
+by pyckpt and by torch's dcp.save, and cached beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_convert import fsync_path, run_watched
+from common import CLI_BASELINE_RSS_CODE, DEFAULT_DATA_DIR, MIB, REPO_ROOT, baseline_rss, prepare_checkpoint, text_table, warm_page_cache
+
+SHARD_SIZE = "500MB"
+TARGET_RSS_MIB = 256
+
+LOAD_CHILD = r"""
+import sys, time, json
+sys.path.insert(0, "benchmarks")
+import torch, pyckpt
+from bench_load_cpu import model_for
+from common import Checkpoint, check_model
+from pathlib import Path
+checkpoint = Checkpoint.read(Path(sys.argv[1]))
+source, how = sys.argv[2], sys.argv[3]
+model = model_for(checkpoint)
+started = time.perf_counter()
+if how == "pyckpt":
+    pyckpt.load_state_dict(model, source, strict=False)
+else:
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(source), strict=False)
+seconds = time.perf_counter() - started
+model.head.weight = model.embed.weight  # safetensors stores the tied weight once
+problems = check_model(model, checkpoint)
+print(json.dumps({"seconds": seconds, "problems": problems}))
+"""
+
+DCP_RECIPE = r"""
+import sys, warnings
+warnings.simplefilter("ignore")
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from safetensors.torch import save_file
+dcp_to_torch_save(sys.argv[1], sys.argv[2] + ".tmp.pt")
+state = torch.load(sys.argv[2] + ".tmp.pt", weights_only=True)
+import os
+os.remove(sys.argv[2] + ".tmp.pt")
+save_file({k: v.contiguous() for k, v in state.items() if k != "head.weight"}, sys.argv[2])
+fd = os.open(sys.argv[2], os.O_RDONLY); os.fsync(fd); os.close(fd)
+"""
+
+DCP_SAVE = r"""
+import sys, warnings
+warnings.simplefilter("ignore")
+import torch, torch.distributed.checkpoint as dcp
+state = torch.load(sys.argv[1], weights_only=True, mmap=True)
+dcp.save({k.removeprefix("module."): v for k, v in state.items()}, checkpoint_id=sys.argv[2])
+"""
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pyckpt", *args, "--quiet", "--force"]
+
+
+def derived_inputs(checkpoint) -> dict[str, Path]:
+    """The sharded and DCP forms of the checkpoint, made once and cached beside it."""
+    directory = checkpoint.directory
+    sharded, dcp_dir = directory / "sharded", directory / "dcp"
+    if not (sharded / "model.safetensors.index.json").exists():
+        print("making the sharded directory ...", flush=True)
+        subprocess.run(cli("convert", str(checkpoint.pt_path), str(sharded), "--max-shard-size", SHARD_SIZE),
+                       check=True, cwd=REPO_ROOT)
+    if not (dcp_dir / ".metadata").exists():
+        print("making the DCP directory with torch's dcp.save ...", flush=True)
+        shutil.rmtree(dcp_dir, ignore_errors=True)
+        subprocess.run([sys.executable, "-c", DCP_SAVE, str(checkpoint.pt_path), str(dcp_dir)], check=True)
+    return {"pt": checkpoint.pt_path, "safetensors": checkpoint.safetensors_path, "sharded": sharded, "dcp": dcp_dir}
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def timed_process(command: list[str], output: Path) -> tuple[float, int]:
+    remove(output)
+    subprocess.run(["sync"], check=True)
+    started = time.perf_counter()
+    peak = run_watched(command)
+    if output.is_file():
+        fsync_path(output)  # cp's copy is fsynced here; pyckpt fsyncs its own before renaming
+    fsync_path(output.parent)
+    seconds = time.perf_counter() - started
+    return seconds, peak
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gib", type=float, default=2.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    args = parser.parse_args()
+    checkpoint = prepare_checkpoint(args.data_dir, args.size_gib)
+    inputs = derived_inputs(checkpoint)
+    out = checkpoint.directory / "bench-out"
+    floor = baseline_rss(dict(os.environ), CLI_BASELINE_RSS_CODE)
+    file_bytes = checkpoint.pt_path.stat().st_size
+    print(f"checkpoint  {checkpoint.pt_path} ({file_bytes / MIB:.0f} MiB), {args.repeat} runs per row, median shown")
+    print(f"floor       a bare `import pyckpt` peaks at {floor // MIB} MiB")
+
+    loads = {
+        "pyckpt.load_state_dict from pt": (inputs["pt"], "pyckpt"),
+        "pyckpt.load_state_dict from safetensors": (inputs["safetensors"], "pyckpt"),
+        "pyckpt.load_state_dict from sharded safetensors": (inputs["sharded"], "pyckpt"),
+        "safetensors load_file + load_state_dict": (inputs["safetensors"], "library"),
+    }
+    load_times: dict[str, list[float]] = {name: [] for name in loads}
+    for _ in range(args.repeat):
+        for name, (source, how) in loads.items():
+            for path in (source.glob("*") if source.is_dir() else [source]):
+                warm_page_cache(path)
+            done = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(checkpoint.directory), str(source), how],
+                                  capture_output=True, text=True, cwd=REPO_ROOT)
+            if done.returncode != 0:
+                raise RuntimeError(f"{name}: {done.stderr.strip().splitlines()[-1]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if result["problems"]:
+                raise RuntimeError(f"{name}: wrong result: {result['problems'][:3]}")
+            load_times[name].append(result["seconds"])
+    base = statistics.median(load_times["pyckpt.load_state_dict from pt"])
+    rows = [[name, f"{statistics.median(t):.3f}", f"{(max(t) - min(t)) / statistics.median(t):.0%}",
+             "baseline" if name.endswith("from pt") else f"{statistics.median(t) / base:.2f}"]
+            for name, t in load_times.items()]
+    print("\nA. into a built model (x baseline below 1: faster than from the pt file)")
+    print("\n".join(text_table(["row", "median s", "spread", "x baseline"], rows)))
+
+    conversions = {
+        "cp + fsync": (["cp", str(inputs["pt"]), str(out / "copy.pt")], out / "copy.pt"),
+        "pt -> safetensors": (cli("convert", str(inputs["pt"]), str(out / "m.safetensors")), out / "m.safetensors"),
+        f"pt -> sharded safetensors ({SHARD_SIZE})": (
+            cli("convert", str(inputs["pt"]), str(out / "shards"), "--max-shard-size", SHARD_SIZE), out / "shards"),
+        "pt -> dcp": (cli("convert", str(inputs["pt"]), str(out / "dcp"), "--format", "dcp"), out / "dcp"),
+        "sharded -> pt": (cli("convert", str(inputs["sharded"]), str(out / "from-shards.pt")), out / "from-shards.pt"),
+        "safetensors -> pt": (cli("convert", str(inputs["safetensors"]), str(out / "from-st.pt")), out / "from-st.pt"),
+        "torch: dcp_to_torch_save + save_file": (
+            [sys.executable, "-c", DCP_RECIPE, str(inputs["dcp"]), str(out / "recipe.safetensors")],
+            out / "recipe.safetensors"),
+    }
+    out.mkdir(exist_ok=True)
+    times: dict[str, list[float]] = {name: [] for name in conversions}
+    peaks: dict[str, list[int]] = {name: [] for name in conversions}
+    try:
+        for _ in range(args.repeat):
+            for name, (command, output) in conversions.items():
+                warm_page_cache(inputs["pt"])
+                seconds, peak = timed_process(command, output)
+                times[name].append(seconds)
+                peaks[name].append(peak)
+                remove(output)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    base = statistics.median(times["cp + fsync"])
+    rows = []
+    for name, t in times.items():
+        python_row = not name.startswith("cp")
+        extra = max(peaks[name]) - (floor if python_row else 0)
+        rows.append([name, f"{statistics.median(t):.3f}", f"{(max(t) - min(t)) / statistics.median(t):.0%}",
+                     "baseline" if name == "cp + fsync" else f"{statistics.median(t) / base:.2f}",
+                     f"{extra // MIB}" + (" (above import)" if python_row else " (own)")])
+    print(f"\nB. conversions, a whole process each (baseline: cp + fsync of the {file_bytes / MIB:.0f} MiB pt file)")
+    print("\n".join(text_table(["row", "median s", "spread", "x baseline", "peak RSS MiB"], rows)))
+    print(f"\ntargets: sharded ≤ 1.3x cp + fsync; every pyckpt conversion ≤ {TARGET_RSS_MIB} MiB above import; "
+          "loading from safetensors or shards ≤ 1.0x from pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
