@@ -88,10 +88,11 @@ def cli(*args: str) -> list[str]:
 def derived_inputs(checkpoint) -> dict[str, Path]:
     """The sharded and DCP forms of the checkpoint, made once and cached beside it."""
     directory = checkpoint.directory
-    sharded, dcp_dir = directory / "sharded", directory / "dcp"
+    sharded, dcp_dir = directory / "sharded-safetensors", directory / "dcp"
     if not (sharded / "model.safetensors.index.json").exists():
+        # From the safetensors file, so it holds the same tensors (the tied weight once).
         print("making the sharded directory ...", flush=True)
-        subprocess.run(cli("convert", str(checkpoint.pt_path), str(sharded), "--max-shard-size", SHARD_SIZE),
+        subprocess.run(cli("convert", str(checkpoint.safetensors_path), str(sharded), "--max-shard-size", SHARD_SIZE),
                        check=True, cwd=REPO_ROOT)
     if not (dcp_dir / ".metadata").exists():
         print("making the DCP directory with torch's dcp.save ...", flush=True)
@@ -124,7 +125,12 @@ def main() -> int:
     parser.add_argument("--size-gib", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--only", nargs="*", default=None, help="run only rows whose name contains one of these")
     args = parser.parse_args()
+
+    def wanted(name: str) -> bool:
+        return args.only is None or any(part in name for part in args.only)
+
     checkpoint = prepare_checkpoint(args.data_dir, args.size_gib)
     inputs = derived_inputs(checkpoint)
     out = checkpoint.directory / "bench-out"
@@ -139,6 +145,7 @@ def main() -> int:
         "pyckpt.load_state_dict from sharded safetensors": (inputs["sharded"], "pyckpt"),
         "safetensors load_file + load_state_dict": (inputs["safetensors"], "library"),
     }
+    loads = {name: spec for name, spec in loads.items() if wanted(name) or name.endswith("from pt")}
     load_times: dict[str, list[float]] = {name: [] for name in loads}
     for _ in range(args.repeat):
         for name, (source, how) in loads.items():
@@ -171,6 +178,7 @@ def main() -> int:
             [sys.executable, "-c", DCP_RECIPE, str(inputs["dcp"]), str(out / "recipe.safetensors")],
             out / "recipe.safetensors"),
     }
+    conversions = {name: spec for name, spec in conversions.items() if wanted(name) or name == "cp + fsync"}
     out.mkdir(exist_ok=True)
     times: dict[str, list[float]] = {name: [] for name in conversions}
     peaks: dict[str, list[int]] = {name: [] for name in conversions}

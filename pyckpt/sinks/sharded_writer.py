@@ -102,23 +102,31 @@ def write_sharded(
     shards = pack_shards(_groups(state_dict, safetensors), limit)
     weight_map: dict[str, str] = {}
     total = WrittenFile(tensors_bytes=0, storages=0, file_bytes=0)
+    pending: list[int] = []  # written, not yet flushed: at most the last two shards
     with AtomicDirectory(destination, overwrite=overwrite) as directory:
-        for number, keys in enumerate(shards, start=1):
-            name = single if len(shards) == 1 else numbered.format(number, len(shards))
-            part = type(state_dict)((key, state_dict[key]) for key in keys)
-            fd = directory.create(name)
-            try:
+        try:
+            for number, keys in enumerate(shards, start=1):
+                name = single if len(shards) == 1 else numbered.format(number, len(shards))
+                part = type(state_dict)((key, state_dict[key]) for key in keys)
+                pending.append(directory.create(name))
                 if safetensors:
-                    written = write_safetensors(index, part, metadata, fd, backend, progress)
+                    written = write_safetensors(index, part, metadata, pending[-1], backend, progress)
                 else:
-                    written = write_pt(index, part, fd, name, backend, progress)
+                    written = write_pt(index, part, pending[-1], name, backend, progress)
+                weight_map.update((key, name) for key in keys)
+                total.tensors_bytes += written.tensors_bytes
+                total.storages += written.storages
+                total.file_bytes += written.file_bytes
+                # The shard before this one is flushed only now: the kernel wrote it back while
+                # this one was copied, where an fsync right after it would have stopped the copy.
+                while len(pending) > 1:
+                    os.fsync(pending[0])
+                    os.close(pending.pop(0))
+            for fd in pending:
                 os.fsync(fd)
-            finally:
+        finally:
+            for fd in pending:
                 os.close(fd)
-            weight_map.update((key, name) for key in keys)
-            total.tensors_bytes += written.tensors_bytes
-            total.storages += written.storages
-            total.file_bytes += written.file_bytes
         if len(shards) > 1:
             in_key_order = {key: weight_map[key] for key in state_dict}  # as a reader merges them
             document = {"metadata": {"total_size": total.tensors_bytes}, "weight_map": in_key_order}
