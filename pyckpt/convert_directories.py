@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Union
 
 from .convert_common import (
     FORMAT_DCP,
@@ -21,6 +21,7 @@ from .errors import CheckpointError
 from .index import index_checkpoint
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index.safetensors_format import METADATA_KEY
+from .index.dcp_format import index_dcp, is_dcp_directory
 from .index.sharded import ShardedCheckpoint, open_sharded
 from .rename import RenameReport, locate_state_dict, rename_state_dict, rename_tree
 from .sinks.atomic import AtomicFile
@@ -31,7 +32,7 @@ from .sinks.sharded_writer import write_sharded
 
 def convert_to_shards(
     source: str,
-    sharded: ShardedCheckpoint | None,
+    directory_input: DirectoryInput | None,
     destination: str,
     chosen: str,
     limit: int,
@@ -47,7 +48,7 @@ def convert_to_shards(
 ) -> ConvertReport:
     """``convert`` into a sharded checkpoint directory (the state dict only, as always for
     Hugging Face shards)."""
-    with opened_input(source, sharded, backend) as index:
+    with opened_input(source, directory_input, backend) as index:
         try:
             found_under, original = locate_state_dict(index.root, key)
             metadata: dict[str, str] = dict(index.metadata or {})
@@ -85,7 +86,7 @@ def convert_to_shards(
 
 def convert_to_dcp(
     source: str,
-    sharded: ShardedCheckpoint | None,
+    directory_input: DirectoryInput | None,
     destination: str,
     backend: Any,
     key_map: Any,
@@ -98,7 +99,7 @@ def convert_to_dcp(
     progress: Callable[[int, int], None] | None,
 ) -> ConvertReport:
     """``convert`` into a ``torch.distributed.checkpoint`` directory."""
-    with opened_input(source, sharded, backend) as index:
+    with opened_input(source, directory_input, backend) as index:
         try:
             if extract_state_dict:
                 _, original = locate_state_dict(index.root, key)
@@ -119,17 +120,29 @@ def convert_to_dcp(
     )
 
 
-def opened_input(source: str, sharded: ShardedCheckpoint | None, backend: Any) -> Any:
-    """The input's index, read in opaque mode: one file's, or every shard's as one."""
+# A checkpoint made of several files: a Hugging Face sharded one, or a DCP directory (by path).
+DirectoryInput = Union[ShardedCheckpoint, str]
+
+
+def directory_input_of(source: str, files: Any) -> DirectoryInput | None:
+    if is_dcp_directory(source):
+        return source
+    return files if isinstance(files, ShardedCheckpoint) else None
+
+
+def opened_input(source: str, directory_input: DirectoryInput | None, backend: Any) -> Any:
+    """The input's index, read in opaque mode: one file's, or every file's of a directory as one."""
     policy = policy_for(UNKNOWN_OPAQUE)
-    if sharded is not None:
-        return open_sharded(sharded, backend, policy)
+    if isinstance(directory_input, ShardedCheckpoint):
+        return open_sharded(directory_input, backend, policy)
+    if directory_input is not None:
+        return index_dcp(directory_input, backend, policy)
     return index_checkpoint(source, backend, policy=policy)
 
 
 def convert_shards_to_file(
     source: str,
-    sharded: ShardedCheckpoint,
+    directory_input: DirectoryInput,
     destination: str,
     chosen: str,
     backend: Any,
@@ -140,12 +153,16 @@ def convert_shards_to_file(
     overwrite: bool,
     progress: Callable[[int, int], None] | None,
 ) -> ConvertReport:
-    """A sharded checkpoint into one pt or safetensors file, each tensor copied from its shard."""
-    with open_sharded(sharded, backend, policy_for(UNKNOWN_OPAQUE)) as index, AtomicFile(
+    """A sharded or DCP checkpoint into one pt or safetensors file, each tensor copied from its file."""
+    with opened_input(source, directory_input, backend) as index, AtomicFile(
         destination, overwrite=overwrite
     ) as output:
         try:
-            state_dict = index.root if key_map is None else rename_state_dict(index.root, key_map, report)
+            if chosen == FORMAT_PT:  # the whole tree (a DCP save may hold a training state)
+                state_dict = rename_tree(index.root, key_map, report)
+            else:
+                _, found = locate_state_dict(index.root, None)
+                state_dict = found if key_map is None else rename_state_dict(found, key_map, report)
             tensors = check_all_views(state_dict)
             advance = ByteProgress(sum(record.nbytes for record in index.storages.values()), progress)
 

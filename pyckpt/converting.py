@@ -25,13 +25,12 @@ from .convert_common import (
     metadata_entries,
     output_format,
 )
-from .convert_directories import convert_shards_to_file, convert_to_dcp, convert_to_shards
+from .convert_directories import convert_shards_to_file, convert_to_dcp, convert_to_shards, directory_input_of
 from .errors import CheckpointError
 from .index import index_opened
-from .index.dcp_format import is_dcp_directory
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index.safetensors_format import METADATA_KEY
-from .index.sharded import ShardedCheckpoint, checkpoint_files
+from .index.sharded import checkpoint_files
 from .index.source import FileSource, Source, open_source
 from .index.zip_format import zip_entries_of
 from .plan import check_view
@@ -93,10 +92,8 @@ def convert(
     backend = current_backend()
     key_map = make_key_map(strip_prefix, rename)
     report = RenameReport()
-    if is_dcp_directory(source):
-        raise CheckpointError("converting from a DCP directory is not supported yet (pyckpt.load reads it)", path=source)
     files = checkpoint_files(source)
-    sharded = files if isinstance(files, ShardedCheckpoint) else None
+    sharded = directory_input_of(source, files)  # shards or DCP: several files, one index
     if isinstance(files, str):  # a model directory holding one file
         source = files
     if sharded is not None and chosen != FORMAT_DCP and sharded_limit is None:

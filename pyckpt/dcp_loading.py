@@ -17,7 +17,7 @@ from ._backend import current_backend
 from ._device import MapLocation
 from .execute.direct import cpu_only
 from .errors import CheckpointError
-from .index.dcp_format import ChunkPlace, DcpTensor, read_dcp_metadata
+from .index.dcp_format import ChunkPlace, DcpTensor, read_dcp_metadata, set_element
 from .index.policy import policy_for
 from .index.source import BufferSource
 from .sinks.torch_values import torch_dtype
@@ -49,7 +49,7 @@ def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str) ->
             if path is None:
                 result[key] = value
             else:
-                _set_element(result, path, value)
+                set_element(result, path, value)
     finally:
         for fd in files.values():
             os.close(fd)
@@ -67,37 +67,6 @@ def _load_chunk(place: ChunkPlace, files: dict[str, int], policy: Any) -> Any:
         raise CheckpointError(f"file shrank while being read (chunk at offset {place.offset})", path=place.file)
     source = BufferSource(data, display=f"{place.file} (chunk at offset {place.offset})")
     return load_opened(source, "cpu", mmap=False, policy=policy)  # assembled on CPU whatever it says
-
-
-def _set_element(root: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
-    """``value`` at ``path`` (string keys make dicts, int keys lists), as DCP rebuilds it."""
-    container: Any = root
-    for here, following in zip(path, path[1:]):
-        default: Any = {} if type(following) is str else []
-        if isinstance(container, dict):
-            container = container.setdefault(here, default)
-        else:
-            _extend(container, here)
-            if container[here] is None:
-                container[here] = default
-            container = container[here]
-        if not isinstance(container, (dict, list)):
-            raise CheckpointError(f"planner_data path {list(path)} runs through a value, not a container")
-    last = path[-1]
-    if isinstance(container, list):
-        if type(last) is not int:
-            raise CheckpointError(f"planner_data path {list(path)} names a list entry by a string")
-        _extend(container, last)
-    elif type(last) is not str and not isinstance(container, dict):
-        raise CheckpointError(f"planner_data path {list(path)} is malformed")
-    container[last] = value
-
-
-def _extend(items: list[Any], index: Any) -> None:
-    if type(index) is not int:
-        raise CheckpointError(f"a list entry named by {index!r}, not an index")
-    while len(items) <= index:
-        items.append(None)
 
 
 def _describe(value: Any) -> str:

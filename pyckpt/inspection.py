@@ -16,6 +16,7 @@ from .index import index_checkpoint
 from .index.opaque import Opaque
 from .index.policy import BLOCKED_MODULES, UNKNOWN_OPAQUE, GlobalsPolicy, policy_for
 from .index.records import METHOD_STORED, TensorRecord, describe_value
+from .index.dcp_format import index_dcp, is_dcp_directory
 from .index.sharded import ShardedCheckpoint, checkpoint_files, open_sharded
 from .index.source import FileArg
 from .pickled_module import detach_record, is_pickled_module, module_state_dict
@@ -36,8 +37,10 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, rows: int | None = DEFAU
     """
     backend = current_backend()
     files = checkpoint_files(path)
-    if isinstance(files, ShardedCheckpoint):  # every shard, described as one checkpoint
-        opened: Any = open_sharded(files, backend, _inspection_policy())
+    if is_dcp_directory(path):  # every .distcp file, described as one checkpoint
+        opened: Any = index_dcp(os.fspath(path), backend, _inspection_policy())
+    elif isinstance(files, ShardedCheckpoint):  # every shard, described as one checkpoint
+        opened = open_sharded(files, backend, _inspection_policy())
     else:
         opened = index_checkpoint(files if isinstance(files, str) else path, backend, policy=_inspection_policy())
     with opened as index:

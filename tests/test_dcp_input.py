@@ -212,3 +212,75 @@ def test_2_4_era_layout(backend, tmp_path):
         raw = f.read()
     assert b"transform_descriptors" not in raw and b"version" not in raw
     assert_same(expected, pyckpt.load(directory))
+
+
+@pytest.mark.parametrize("output", ["pt", "safetensors", "sharded"])
+def test_convert_from_dcp(backend, tmp_path, output):
+    """A DCP save converted with each tensor copied from its chunk; equal to torch's own
+    dcp_to_torch_save of the same directory."""
+    from safetensors.torch import load_file
+
+    net = factory.seeded_net(width=16)
+    state = {"model": nn.DataParallel(net).state_dict(), "epoch": 4}
+    directory = _save(state, tmp_path / "ckpt")
+    reference = _reference(directory, tmp_path)
+    kwargs = {"pt": {"format": "pt"}, "safetensors": {"format": "safetensors"}, "sharded": {"max_shard_size": 2000}}
+    dst = tmp_path / "out"
+    report = pyckpt.convert(directory, dst, **kwargs[output])
+    model_reference = {key.removeprefix("module."): value for key, value in reference["model"].items()}
+    assert report.tensors == len(model_reference)
+    if output == "pt":
+        got = torch.load(dst, weights_only=True)
+        assert got["epoch"] == 4
+        got = got["model"]
+    elif output == "safetensors":
+        got = load_file(dst)
+    else:
+        got = pyckpt.load(dst)
+    assert list(got) == list(model_reference)
+    for key, tensor in model_reference.items():  # DCP keeps no sharing: key by key
+        assert_same({key: tensor}, {key: got[key]})
+
+
+def test_inspect_and_verify_dcp(backend, tmp_path):
+    from pyckpt.inspection import inspect_checkpoint
+    from pyckpt.verification import verify_checkpoint
+
+    state = _training_state()
+    directory = _save(state, tmp_path / "ckpt")
+    info = inspect_checkpoint(directory)
+    assert info["format"] == "dcp" and info["path"] == directory
+    assert info["files"] == [os.path.join(directory, "__0_0.distcp")]
+    expected = _reference(directory, tmp_path)
+    tensors = [key for key, _ in _flat_tensors(expected)]
+    assert info["tensors"] == len(tensors)
+    assert sorted(row["key"] for row in info["table"]) == sorted(tensors)
+    assert any(sd["entry"] == "model" and sd["wrapper_prefixes"] == {"module.": len(state["model"])}
+               for sd in info["state_dicts"])
+    report = verify_checkpoint(directory)
+    assert report.ok and report.format == "dcp" and report.tensors == len(tensors)
+    distcp = os.path.join(directory, "__0_0.distcp")
+    os.truncate(distcp, os.path.getsize(distcp) - 10)
+    report = verify_checkpoint(directory)
+    assert not report.ok and "runs past the end" in report.problems[0]
+
+
+def test_sharded_save_is_not_converted_yet(backend, sharded_dcp, tmp_path):
+    directory, _ = sharded_dcp
+    with pytest.raises(pyckpt.CheckpointError, match="saved in 2 chunks .a sharded save.: pyckpt.load assembles it"):
+        pyckpt.convert(directory, tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+    from pyckpt.verification import verify_checkpoint
+
+    assert verify_checkpoint(directory).ok  # verify assembles, as load does
+
+
+def _flat_tensors(tree, path=""):
+    if isinstance(tree, torch.Tensor):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flat_tensors(value, f"{path}/{key}" if path else str(key))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _flat_tensors(value, f"{path}[{i}]")

@@ -184,18 +184,6 @@ def test_convert_from_shards(backend, tmp_path, output):
         assert_same({key: tensor}, {key: got[key.removeprefix("module.")]})
 
 
-def test_convert_from_dcp_says_it_is_not_supported_yet(backend, tmp_path):
-    import torch.distributed.checkpoint as dcp
-
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save({"w": torch.ones(2)}, checkpoint_id=str(tmp_path / "d"))
-    with pytest.raises(pyckpt.CheckpointError, match="converting from a DCP directory is not supported yet"):
-        pyckpt.convert(tmp_path / "d", tmp_path / "out.pt")
-    assert not (tmp_path / "out.pt").exists()
-
 
 def test_inspect_and_verify_a_sharded_directory(backend, tmp_path):
     from pyckpt.inspection import inspect_checkpoint

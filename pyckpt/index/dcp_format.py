@@ -234,3 +234,110 @@ def _check_tiling(key: str, size: tuple[int, ...], chunks: list[ChunkPlace]) -> 
         covered += volume
     if covered != numel:
         raise CheckpointError(f"chunks cover {covered} of the tensor's {numel} elements", key=key)
+
+
+def set_element(root: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+    """``value`` at ``path`` (string keys make dicts, int keys lists), as DCP rebuilds it."""
+    container: Any = root
+    for here, following in zip(path, path[1:]):
+        default: Any = {} if type(following) is str else []
+        if isinstance(container, dict):
+            container = container.setdefault(here, default)
+        else:
+            _extend_to(container, here)
+            if container[here] is None:
+                container[here] = default
+            container = container[here]
+        if not isinstance(container, (dict, list)):
+            raise CheckpointError(f"planner_data path {list(path)} runs through a value, not a container")
+    last = path[-1]
+    if isinstance(container, list):
+        if type(last) is not int:
+            raise CheckpointError(f"planner_data path {list(path)} names a list entry by a string")
+        _extend_to(container, last)
+    elif type(last) is not str and not isinstance(container, dict):
+        raise CheckpointError(f"planner_data path {list(path)} is malformed")
+    container[last] = value
+
+
+def _extend_to(items: list[Any], index: Any) -> None:
+    if type(index) is not int:
+        raise CheckpointError(f"a list entry named by {index!r}, not an index")
+    while len(items) <= index:
+        items.append(None)
+
+
+def index_dcp(directory: str, backend: Backend, policy: Any) -> Any:
+    """The DCP checkpoint as one index (a :class:`CompositeIndex` over its ``.distcp`` files),
+    for ``convert``, ``inspect`` and ``verify``: each chunk's small torch zip is indexed in
+    place (its storages then point into the ``.distcp`` file), and the tree is nested as
+    ``planner_data`` says. Only tensors saved whole (one chunk) can be copied as they are; a
+    tensor a sharded save split into chunks needs assembling, which only ``load`` does yet.
+    """
+    import mmap
+
+    from . import index_source
+    from .checkpoint import CheckpointIndex
+    from .records import TensorRecord
+    from .sharded import CompositeIndex
+    from .source import BufferSource, FileSource
+
+    metadata = read_dcp_metadata(directory, backend)
+    files: dict[str, CheckpointIndex] = {}
+    maps: dict[str, Any] = {}
+    owners: dict[int, CheckpointIndex] = {}
+    root: dict[str, Any] = {}
+    tensor_records: list[Any] = []
+    unchecked: list[Any] = []
+    try:
+        for key, entry in metadata.entries.items():
+            if isinstance(entry, DcpTensor):
+                if len(entry.chunks) != 1 or entry.chunks[0].sizes != entry.size:
+                    raise CheckpointError(
+                        f"tensor is saved in {len(entry.chunks)} chunks (a sharded save): pyckpt.load assembles "
+                        "it, but convert, inspect and verify read only tensors saved whole, for now",
+                        key=key, path=directory,
+                    )
+                place = entry.chunks[0]
+            else:
+                place = entry.place
+            part = files.get(place.file)
+            if part is None:
+                source = FileSource(place.file)
+                part = files[place.file] = CheckpointIndex(source=source, format="dcp", root=None, storages={})
+                maps[place.file] = mmap.mmap(source.fd, 0, access=mmap.ACCESS_READ) if source.size else b""
+            chunk = BufferSource(memoryview(maps[place.file])[place.offset : place.offset + place.length],
+                                 display=f"{place.file} (chunk at offset {place.offset})")
+            with index_source(chunk, backend, policy=policy) as chunk_index:
+                for storage in chunk_index.storages.values():
+                    storage.data_offset += place.offset  # now an offset into the .distcp file
+                    part.storages[f"{key}/{storage.key}"] = storage
+                    owners[id(storage)] = part
+                tensor_records += chunk_index.tensor_records
+                unchecked += chunk_index.unchecked_views
+                value = chunk_index.root
+            if isinstance(entry, DcpTensor) and (
+                not isinstance(value, TensorRecord) or value.dtype != entry.dtype or value.size != entry.size
+            ):
+                raise CheckpointError(f"chunk does not hold the {entry.dtype} tensor of size {list(entry.size)} "
+                                      "the metadata describes", key=key, path=place.file)
+            path = metadata.paths.get(key)
+            if path is None:
+                root[key] = value
+            else:
+                set_element(root, path, value)
+    except BaseException:
+        for part in files.values():
+            part.close()
+        raise
+    return CompositeIndex(
+        source=next(iter(files.values())).source if files else FileSource(os.path.join(directory, METADATA_NAME)),
+        format="dcp",
+        root=root,
+        storages={name: storage for part in files.values() for name, storage in part.storages.items()},
+        tensor_records=tensor_records,
+        unchecked_views=unchecked,
+        parts=list(files.values()),
+        label=directory,
+        owners=owners,
+    )
