@@ -13,6 +13,8 @@ import os
 import secrets
 from typing import Any
 
+from .file_copy import write_all
+
 
 class AtomicFile:
     def __init__(self, destination: str, *, overwrite: bool = False) -> None:
@@ -109,6 +111,15 @@ class AtomicDirectory:
     def create(self, name: str) -> int:
         """A new file in the directory, open for writing."""
         return os.open(os.path.join(self.path, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+
+    def write_small(self, name: str, data: bytes) -> None:
+        """A small file (an index, DCP metadata) written and fsynced whole."""
+        fd = self.create(name)
+        try:
+            write_all(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def commit(self) -> None:
         _fsync_path(self.path)

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from ..index.checkpoint import CheckpointIndex
 from ..index.records import ParameterRecord, TensorRecord
 from .atomic import AtomicDirectory
-from .file_copy import write_all
 from .pt_writer import WrittenFile, write_pt
 from .range_copy import Progress
 
@@ -102,11 +101,6 @@ def write_dcp(
             version=CURRENT_DCP_VERSION,
         )
         encoded = pickle.dumps(metadata)
-        fd = directory.create(METADATA_FILE)
-        try:
-            write_all(fd, encoded, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        directory.write_small(METADATA_FILE, encoded)
     written.file_bytes = offset + len(encoded)
     return written

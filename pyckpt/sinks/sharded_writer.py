@@ -22,7 +22,6 @@ from ..errors import CheckpointError
 from ..index.checkpoint import CheckpointIndex
 from ..index.records import ParameterRecord, TensorRecord
 from .atomic import AtomicDirectory
-from .file_copy import write_all
 from .pt_writer import WrittenFile, write_pt
 from .safetensors_writer import tensor_entries, write_safetensors
 
@@ -131,11 +130,6 @@ def write_sharded(
             in_key_order = {key: weight_map[key] for key in state_dict}  # as a reader merges them
             document = {"metadata": {"total_size": total.tensors_bytes}, "weight_map": in_key_order}
             encoded = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-            fd = directory.create(index_name)
-            try:
-                write_all(fd, encoded, 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            directory.write_small(index_name, encoded)
             total.file_bytes += len(encoded)
     return total
