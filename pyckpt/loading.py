@@ -120,14 +120,13 @@ def _load_shards(
 ) -> OrderedDict[str, Any]:
     """Every shard's tensors, as one state dict in the index's key order (renamed after, so
     renaming and its collision errors see every key at once)."""
-    found: dict[str, Any] = {}
+    parts = []
     for shard in sharded.shards:
         part = load(shard, map_location, mmap=mmap, unknown_globals=unknown_globals)
         if not isinstance(part, dict):
             raise CheckpointError(f"shard holds a {type(part).__name__}, not a state dict", path=shard)
-        sharded.check_shard(shard, list(part))
-        found.update(part)
-    return OrderedDict((key, found[key]) for key in sharded.weight_map)
+        parts.append((shard, part))
+    return sharded.merge(parts)
 
 
 def _mmap_shared() -> bool:

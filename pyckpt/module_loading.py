@@ -138,16 +138,14 @@ def _found_state_dict(
         except CheckpointError as exc:
             raise exc.located(path=indexes[0].display)
         return found, [indexes[0]] * len(found)
-    parts: dict[str, tuple[Any, CheckpointIndex]] = {}
+    parts = []
     for index in indexes:
         try:
-            part = find_state_dict(index.root, key)
+            parts.append((index.display, find_state_dict(index.root, key)))
         except CheckpointError as exc:
             raise exc.located(path=index.display)
-        sharded.check_shard(index.display, list(part))
-        parts.update((name, (value, index)) for name, value in part.items())
-    merged = OrderedDict((name, parts[name][0]) for name in sharded.weight_map)
-    return merged, [parts[name][1] for name in sharded.weight_map]
+    by_shard = {index.display: index for index in indexes}
+    return sharded.merge(parts), [by_shard[sharded.weight_map[name]] for name in sharded.weight_map]
 
 
 def _fill_from(

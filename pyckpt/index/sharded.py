@@ -13,6 +13,7 @@ import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from ..errors import CheckpointError
@@ -33,18 +34,25 @@ class ShardedCheckpoint:
     shards: list[str]  # absolute paths
     weight_map: dict[str, str]  # key -> absolute shard path
 
-    def keys_in(self, shard: str) -> set[str]:
-        by_shard = self.__dict__.get("_by_shard")
-        if by_shard is None:
-            by_shard = {path: set() for path in self.shards}
-            for key, path in self.weight_map.items():
-                by_shard[path].add(key)
-            object.__setattr__(self, "_by_shard", by_shard)
-        return by_shard[shard]
+    @cached_property
+    def keys_by_shard(self) -> dict[str, set[str]]:
+        by_shard: dict[str, set[str]] = {path: set() for path in self.shards}
+        for key, path in self.weight_map.items():
+            by_shard[path].add(key)
+        return by_shard
+
+    def merge(self, parts: list[tuple[str, dict[str, Any]]]) -> OrderedDict[str, Any]:
+        """The shards' ``(path, state dict)`` as one state dict in the index's key order, each
+        shard checked against the index first."""
+        found: dict[str, Any] = {}
+        for shard, state_dict in parts:
+            self.check_shard(shard, list(state_dict))
+            found.update(state_dict)
+        return OrderedDict((key, found[key]) for key in self.weight_map)
 
     def check_shard(self, shard: str, keys: list[str]) -> None:
         """A shard must hold exactly the keys the index gives it."""
-        listed = self.keys_in(shard)
+        listed = self.keys_by_shard[shard]
         unlisted = [key for key in keys if key not in listed]
         if unlisted:
             raise CheckpointError(
@@ -171,21 +179,19 @@ def open_sharded(sharded: ShardedCheckpoint, backend: Any, policy: Any) -> Compo
     try:
         for shard in sharded.shards:
             parts.append(index_checkpoint(shard, backend, policy=policy))
-        found: dict[str, Any] = {}
         owners: dict[int, CheckpointIndex] = {}
         storages: dict[str, StorageRecord] = {}
         for part in parts:
             if not isinstance(part.root, dict):
                 raise CheckpointError(f"shard holds a {type(part.root).__name__}, not a state dict", path=part.display)
-            sharded.check_shard(part.display, list(part.root))
-            found.update(part.root)
+        root = sharded.merge([(part.display, part.root) for part in parts])
+        for part in parts:
             for key, storage in part.storages.items():
                 owners[id(storage)] = part
                 storages[f"{os.path.basename(part.display)}/{key}"] = storage
         orders = {part.byteorder for part in parts}
         if len(orders) > 1:
             raise CheckpointError("shards differ in byte order", path=sharded.index_path)
-        root = OrderedDict((key, found[key]) for key in sharded.weight_map)
         return CompositeIndex(
             source=parts[0].source,
             format="sharded",
