@@ -10,6 +10,7 @@ from typing import Any
 from ._units import human_bytes
 from .errors import CheckpointError
 from .index.records import TensorRecord, describe_value
+from .index.safetensors_format import METADATA_KEY
 from .plan import check_view, iter_records
 from .rename import ROOT
 
@@ -42,12 +43,19 @@ class ConvertReport:
         )
 
 
-def output_format(destination: str, requested: str | None) -> str:
+def output_format(destination: str, requested: str | None, *, sharded: bool = False) -> str:
+    """The format asked for, else the one DST's extension names (pt by default; safetensors
+    for sharded output, as Hugging Face shards are)."""
     if requested is None:
-        return FORMAT_SAFETENSORS if destination.endswith(".safetensors") else FORMAT_PT
+        return FORMAT_SAFETENSORS if sharded or destination.endswith(".safetensors") else FORMAT_PT
     if requested not in (FORMAT_PT, FORMAT_SAFETENSORS, FORMAT_DCP):
         raise ValueError(f"format must be 'pt', 'safetensors' or 'dcp', not {requested!r}")
     return requested
+
+
+def storage_bytes(index: Any) -> int:
+    """Every storage byte of an index: what a conversion copies, at most."""
+    return sum(record.nbytes for record in index.storages.values())
 
 
 class ByteProgress:
@@ -57,6 +65,11 @@ class ByteProgress:
         self.total = total
         self.done = 0
         self.callback = callback
+
+    @classmethod
+    def of_index(cls, index: Any, callback: Callable[[int, int], None] | None) -> ByteProgress:
+        """Progress over every storage byte of ``index``."""
+        return cls(storage_bytes(index), callback)
 
     def __call__(self, nbytes: int) -> None:
         self.done += nbytes
@@ -92,3 +105,16 @@ def metadata_entries(root: Any, found_under: Any, drop_extra: bool) -> tuple[dic
             f"would be lost: {', '.join(lost)} (pass --drop-extra to drop them, or convert to pt)"
         )
     return metadata, lost
+
+
+def kept_metadata(
+    index: Any, chosen: str, root: Any, found_under: Any, drop_extra: bool
+) -> tuple[dict[str, str], list[str]]:
+    """What the output keeps as ``__metadata__`` (safetensors only: the source's own, and the
+    string and number entries beside the state dict found under ``found_under``), and what
+    the report lists as dropped."""
+    own = dict(index.metadata or {})
+    if chosen != FORMAT_SAFETENSORS:
+        return {}, [f"{METADATA_KEY} ({len(own)} strings: only safetensors output keeps them)"] if own else []
+    entries, dropped = metadata_entries(root, found_under, drop_extra)
+    return {**own, **entries}, dropped

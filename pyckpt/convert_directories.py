@@ -1,12 +1,13 @@
-"""Conversions whose input or output is a directory: Hugging Face shards (in and out) and
-``torch.distributed.checkpoint`` output. The single-file path, with its storage span copied
+"""Conversions whose input or output is a directory: Hugging Face shards and
+``torch.distributed.checkpoint`` directories, in and out (any input is opened with
+:func:`pyckpt.index.index_any`). The single-file path, with its storage span copied
 whole, is :mod:`pyckpt.converting`."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 from .convert_common import (
     FORMAT_DCP,
@@ -15,14 +16,11 @@ from .convert_common import (
     ByteProgress,
     ConvertReport,
     check_all_views,
-    metadata_entries,
+    kept_metadata,
 )
 from .errors import CheckpointError
-from .index import index_checkpoint
+from .index import index_any
 from .index.policy import UNKNOWN_OPAQUE, policy_for
-from .index.safetensors_format import METADATA_KEY
-from .index.dcp_format import index_dcp, is_dcp_directory
-from .index.sharded import ShardedCheckpoint, open_sharded
 from .rename import RenameReport, locate_state_dict, rename_state_dict, rename_tree
 from .sinks.atomic import AtomicFile
 from .sinks.dcp_writer import write_dcp
@@ -32,7 +30,6 @@ from .sinks.sharded_writer import write_sharded
 
 def convert_to_shards(
     source: str,
-    directory_input: DirectoryInput | None,
     destination: str,
     chosen: str,
     limit: int,
@@ -48,20 +45,14 @@ def convert_to_shards(
 ) -> ConvertReport:
     """``convert`` into a sharded checkpoint directory (the state dict only, as always for
     Hugging Face shards)."""
-    with opened_input(source, directory_input, backend) as index:
+    with index_any(source, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index:
         try:
             found_under, original = locate_state_dict(index.root, key)
-            metadata: dict[str, str] = dict(index.metadata or {})
-            dropped: list[str] = []
-            if chosen == FORMAT_SAFETENSORS:
-                entries, dropped = metadata_entries(index.root, found_under, drop_extra)
-                metadata.update(entries)
-            elif metadata:
-                dropped.append(f"{METADATA_KEY} ({len(metadata)} strings: only safetensors output keeps them)")
+            metadata, dropped = kept_metadata(index, chosen, index.root, found_under, drop_extra)
             state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
             if chosen == FORMAT_PT:
                 check_all_views(state_dict)
-            advance = ByteProgress(sum(record.nbytes for record in index.storages.values()), progress)
+            advance = ByteProgress.of_index(index, progress)
 
             written = write_sharded(
                 index, state_dict, metadata, destination, safetensors=chosen == FORMAT_SAFETENSORS, limit=limit,
@@ -86,7 +77,6 @@ def convert_to_shards(
 
 def convert_to_dcp(
     source: str,
-    directory_input: DirectoryInput | None,
     destination: str,
     backend: Any,
     key_map: Any,
@@ -99,7 +89,7 @@ def convert_to_dcp(
     progress: Callable[[int, int], None] | None,
 ) -> ConvertReport:
     """``convert`` into a ``torch.distributed.checkpoint`` directory."""
-    with opened_input(source, directory_input, backend) as index:
+    with index_any(source, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index:
         try:
             if extract_state_dict:
                 _, original = locate_state_dict(index.root, key)
@@ -107,12 +97,12 @@ def convert_to_dcp(
             else:
                 root = rename_tree(index.root, key_map, report)
             tensors = check_all_views(root)
-            advance = ByteProgress(sum(record.nbytes for record in index.storages.values()), progress)
+            advance = ByteProgress.of_index(index, progress)
 
             written = write_dcp(index, root, destination, overwrite=overwrite, backend=backend, progress=advance)
         except CheckpointError as exc:
             raise exc.located(path=index.display)
-    dropped = [f"{METADATA_KEY} (only safetensors output keeps it)"] if index.metadata else []
+    _, dropped = kept_metadata(index, FORMAT_DCP, index.root, None, drop_extra=False)
     return ConvertReport(
         source=source, destination=destination, format=FORMAT_DCP, tensors=tensors, storages=written.storages,
         tensor_bytes=written.tensors_bytes, file_bytes=written.file_bytes, renamed_keys=report.renamed,
@@ -120,29 +110,8 @@ def convert_to_dcp(
     )
 
 
-# A checkpoint made of several files: a Hugging Face sharded one, or a DCP directory (by path).
-DirectoryInput = Union[ShardedCheckpoint, str]
-
-
-def directory_input_of(source: str, files: Any) -> DirectoryInput | None:
-    if is_dcp_directory(source):
-        return source
-    return files if isinstance(files, ShardedCheckpoint) else None
-
-
-def opened_input(source: str, directory_input: DirectoryInput | None, backend: Any) -> Any:
-    """The input's index, read in opaque mode: one file's, or every file's of a directory as one."""
-    policy = policy_for(UNKNOWN_OPAQUE)
-    if isinstance(directory_input, ShardedCheckpoint):
-        return open_sharded(directory_input, backend, policy)
-    if directory_input is not None:
-        return index_dcp(directory_input, backend, policy)
-    return index_checkpoint(source, backend, policy=policy)
-
-
-def convert_shards_to_file(
+def convert_directory_to_file(
     source: str,
-    directory_input: DirectoryInput,
     destination: str,
     chosen: str,
     backend: Any,
@@ -154,7 +123,7 @@ def convert_shards_to_file(
     progress: Callable[[int, int], None] | None,
 ) -> ConvertReport:
     """A sharded or DCP checkpoint into one pt or safetensors file, each tensor copied from its file."""
-    with opened_input(source, directory_input, backend) as index, AtomicFile(
+    with index_any(source, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index, AtomicFile(
         destination, overwrite=overwrite
     ) as output:
         try:
@@ -164,7 +133,7 @@ def convert_shards_to_file(
                 _, found = locate_state_dict(index.root, None)
                 state_dict = found if key_map is None else rename_state_dict(found, key_map, report)
             tensors = check_all_views(state_dict)
-            advance = ByteProgress(sum(record.nbytes for record in index.storages.values()), progress)
+            advance = ByteProgress.of_index(index, progress)
 
             if chosen == FORMAT_PT:
                 written = write_pt(index, state_dict, output.fd, destination, backend, advance)

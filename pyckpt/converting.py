@@ -22,15 +22,16 @@ from .convert_common import (
     ByteProgress,
     ConvertReport,
     check_all_views,
-    metadata_entries,
+    kept_metadata,
     output_format,
+    storage_bytes,
 )
-from .convert_directories import convert_shards_to_file, convert_to_dcp, convert_to_shards, directory_input_of
+from .convert_directories import convert_directory_to_file, convert_to_dcp, convert_to_shards
 from .errors import CheckpointError
 from .index import index_opened
 from .index.policy import UNKNOWN_OPAQUE, policy_for
-from .index.safetensors_format import METADATA_KEY
-from .index.sharded import checkpoint_files
+from .index.dcp_format import is_dcp_directory
+from .index.sharded import ShardedCheckpoint, checkpoint_files
 from .index.source import FileSource, Source, open_source
 from .index.zip_format import zip_entries_of
 from .plan import check_view
@@ -85,34 +86,31 @@ def convert(
     started = time.perf_counter()
     source, destination = os.fspath(src), os.fspath(dst)
     sharded_limit = None if max_shard_size is None else parse_size(max_shard_size)
-    chosen = output_format(destination, format) if sharded_limit is None else (format or FORMAT_SAFETENSORS)
-    output_format("", chosen)  # an unknown format is refused the same way
+    chosen = output_format(destination, format, sharded=sharded_limit is not None)
+    if sharded_limit is not None and chosen == FORMAT_DCP:
+        raise ValueError("--max-shard-size writes Hugging Face shards (pt or safetensors), not DCP")
     if not overwrite and os.path.lexists(destination):
         raise FileExistsError(17, "File exists (use --force to replace it)", destination)
     backend = current_backend()
     key_map = make_key_map(strip_prefix, rename)
     report = RenameReport()
-    files = checkpoint_files(source)
-    sharded = directory_input_of(source, files)  # shards or DCP: several files, one index
-    if isinstance(files, str):  # a model directory holding one file
-        source = files
-    if sharded is not None and chosen != FORMAT_DCP and sharded_limit is None:
-        return convert_shards_to_file(
-            source, sharded, destination, chosen, backend, key_map, report, started, overwrite=overwrite,
-            progress=progress,
-        )
-    if chosen == FORMAT_DCP and sharded_limit is None:
-        return convert_to_dcp(
-            source, sharded, destination, backend, key_map, report, started,
-            key=key, overwrite=overwrite, extract_state_dict=extract_state_dict, progress=progress,
-        )
     if sharded_limit is not None:
-        if chosen == FORMAT_DCP:
-            raise ValueError("--max-shard-size writes Hugging Face shards (pt or safetensors), not DCP")
         return convert_to_shards(
-            source, sharded, destination, chosen, sharded_limit, backend, key_map, report, started,
+            source, destination, chosen, sharded_limit, backend, key_map, report, started,
             key=key, overwrite=overwrite, drop_extra=drop_extra, progress=progress,
         )
+    if chosen == FORMAT_DCP:
+        return convert_to_dcp(
+            source, destination, backend, key_map, report, started,
+            key=key, overwrite=overwrite, extract_state_dict=extract_state_dict, progress=progress,
+        )
+    files = checkpoint_files(source)
+    if is_dcp_directory(source) or isinstance(files, ShardedCheckpoint):  # several files, one index
+        return convert_directory_to_file(
+            source, destination, chosen, backend, key_map, report, started, overwrite=overwrite, progress=progress,
+        )
+    if files is not None:  # a model directory holding one file
+        source = files
     advance = ByteProgress(0, progress)  # its total is known once the source is indexed
 
     with AtomicFile(destination, overwrite=overwrite) as output, ExitStack() as cleanup:
@@ -130,23 +128,18 @@ def convert(
         # thread reads until it is joined (``opened.close`` runs after that).
         index = index_opened(opened, backend, policy=policy_for(UNKNOWN_OPAQUE))
         try:
-            metadata: dict[str, str] = dict(index.metadata or {})  # a safetensors source's own
-            dropped: list[str] = []
-            if metadata and chosen != FORMAT_SAFETENSORS:
-                dropped.append(f"{METADATA_KEY} ({len(metadata)} strings: only safetensors output keeps them)")
             if whole_tree:
+                metadata, dropped = kept_metadata(index, chosen, index.root, None, drop_extra)
                 root = rename_tree(index.root, key_map, report)
                 tensors = _check_index_views(index, root)
                 payload: Any = root
             else:
                 found_under, original = locate_state_dict(index.root, key)
-                if chosen == FORMAT_SAFETENSORS:
-                    entries, dropped = metadata_entries(index.root, found_under, drop_extra)
-                    metadata.update(entries)
+                metadata, dropped = kept_metadata(index, chosen, index.root, found_under, drop_extra)
                 state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
                 payload = state_dict
                 tensors = check_all_views(state_dict) if chosen == FORMAT_PT else len(state_dict)
-            advance.total = sum(record.nbytes for record in index.storages.values())
+            advance.total = storage_bytes(index)
             written = None if copying is None else write_pt_around_span(index, payload, output.fd, copying)
             if written is None:
                 if copying is not None:  # the pickle names its storages otherwise: start over

@@ -12,12 +12,10 @@ from typing import Any
 from ._collector import without_collector
 from ._backend import current_backend
 from .errors import CheckpointError
-from .index import index_checkpoint
+from .index import index_any, index_checkpoint
 from .index.opaque import Opaque
 from .index.policy import BLOCKED_MODULES, UNKNOWN_OPAQUE, GlobalsPolicy, policy_for
 from .index.records import METHOD_STORED, TensorRecord, describe_value
-from .index.dcp_format import index_dcp, is_dcp_directory
-from .index.sharded import ShardedCheckpoint, checkpoint_files, open_sharded
 from .index.source import FileArg
 from .pickled_module import detach_record, is_pickled_module, module_state_dict
 from .plan import iter_records
@@ -36,14 +34,8 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, rows: int | None = DEFAU
     refuse is reported (``unknown_globals``), never imported.
     """
     backend = current_backend()
-    files = checkpoint_files(path)
-    if is_dcp_directory(path):  # every .distcp file, described as one checkpoint
-        opened: Any = index_dcp(os.fspath(path), backend, _inspection_policy())
-    elif isinstance(files, ShardedCheckpoint):  # every shard, described as one checkpoint
-        opened = open_sharded(files, backend, _inspection_policy())
-    else:
-        opened = index_checkpoint(files if isinstance(files, str) else path, backend, policy=_inspection_policy())
-    with opened as index:
+    # The files of a sharded or DCP checkpoint are described as one checkpoint.
+    with index_any(path, backend, policy=_inspection_policy()) as index:
         try:
             return _describe(index, rows, backend.name)
         except CheckpointError as exc:

@@ -83,25 +83,25 @@ def _verify_dcp(path: str) -> VerifyReport:
     except CheckpointError as exc:
         report.problems.append(str(exc))
         return report
-    report.tensors = sum(1 for _, record in _tensors_in(loaded))
+    report.tensors = _count_tensors(loaded)
     report.notes.append("dcp format: every chunk was read and assembled; DCP records no checksums to compare")
     return report
 
 
-def _tensors_in(tree: Any) -> list[tuple[str, Any]]:
+def _count_tensors(tree: Any) -> int:
     import torch
 
-    found = []
-    stack = [("", tree)]
+    count = 0
+    stack = [tree]
     while stack:
-        path, value = stack.pop()
+        value = stack.pop()
         if isinstance(value, torch.Tensor):
-            found.append((path, value))
+            count += 1
         elif isinstance(value, dict):
-            stack.extend((f"{path}/{key}", item) for key, item in value.items())
+            stack.extend(value.values())
         elif isinstance(value, (list, tuple)):
-            stack.extend((f"{path}/{i}", item) for i, item in enumerate(value))
-    return found
+            stack.extend(value)
+    return count
 
 
 def _verify_file(path: str | os.PathLike[str]) -> VerifyReport:

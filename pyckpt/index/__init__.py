@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
@@ -21,6 +22,7 @@ __all__ = [
     "FORMAT_TORCHSCRIPT",
     "FORMAT_ZIP",
     "CheckpointIndex",
+    "index_any",
     "index_checkpoint",
     "index_opened",
     "index_source",
@@ -45,6 +47,27 @@ def index_checkpoint(
         raise
 
 
+def index_any(f: FileArg, backend: Backend | None = None, *, policy: GlobalsPolicy | None = None) -> CheckpointIndex:
+    """:func:`index_checkpoint` of whatever ``f`` names: one file, a model directory holding
+    one, a Hugging Face sharded checkpoint (its directory or index file) or a DCP directory;
+    the files of the last two are indexed as one (a :class:`~pyckpt.index.sharded.CompositeIndex`)."""
+    from .dcp_format import index_dcp, is_dcp_directory
+    from .sharded import ShardedCheckpoint, checkpoint_files, open_sharded
+
+    if is_dcp_directory(f):
+        return index_dcp(os.fspath(f), backend or _current_backend(), policy)  # type: ignore[arg-type]
+    files = checkpoint_files(f)
+    if isinstance(files, ShardedCheckpoint):
+        return open_sharded(files, backend or _current_backend(), policy)
+    return index_checkpoint(f if files is None else files, backend, policy=policy)
+
+
+def _current_backend() -> Backend:
+    from .._backend import current_backend
+
+    return current_backend()
+
+
 def index_opened(source: Source, backend: Backend | None = None, *, policy: GlobalsPolicy | None = None) -> CheckpointIndex:
     """:func:`index_checkpoint` of a source already open (the index then owns it)."""
     index = index_source(source, backend, policy=policy)
@@ -57,9 +80,7 @@ def index_source(
     source: Source, backend: Backend | None = None, *, policy: GlobalsPolicy | None = None
 ) -> CheckpointIndex:
     if backend is None:
-        from .._backend import current_backend
-
-        backend = current_backend()
+        backend = _current_backend()
     try:
         return _dispatch(source, backend, policy if policy is not None else GlobalsPolicy())
     except CheckpointError as exc:
