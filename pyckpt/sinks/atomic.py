@@ -11,12 +11,33 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Any
+from typing import Any, TypeVar
 
 from .file_copy import write_all
 
+_Self = TypeVar("_Self", bound="_Atomic")
 
-class AtomicFile:
+
+class _Atomic:
+    """Used as a context manager: committed when the block succeeds, aborted otherwise."""
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, traceback: Any) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class AtomicFile(_Atomic):
     def __init__(self, destination: str, *, overwrite: bool = False) -> None:
         self.destination = os.path.abspath(destination)
         self.directory = os.path.dirname(self.destination)
@@ -60,11 +81,7 @@ class AtomicFile:
         self.temporary_name = None
         os.close(self.fd)
         self.fd = -1
-        directory = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _fsync_path(self.directory)
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -77,17 +94,8 @@ class AtomicFile:
                 pass
             self.temporary_name = None
 
-    def __enter__(self) -> AtomicFile:
-        return self
 
-    def __exit__(self, kind: Any, exc: Any, traceback: Any) -> None:
-        if kind is None:
-            self.commit()
-        else:
-            self.abort()
-
-
-class AtomicDirectory:
+class AtomicDirectory(_Atomic):
     """A directory that appears at its path complete or not at all.
 
     Its files are written into a hidden directory beside the destination, each fsynced, and
@@ -134,15 +142,6 @@ class AtomicDirectory:
 
     def abort(self) -> None:
         _remove(self.path)
-
-    def __enter__(self) -> AtomicDirectory:
-        return self
-
-    def __exit__(self, kind: Any, exc: Any, traceback: Any) -> None:
-        if kind is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 def _fsync_path(path: str) -> None:
