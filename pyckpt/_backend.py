@@ -80,6 +80,22 @@ class Backend(Protocol):
         """CRC-32 of each ``(offset, length)`` range of the source."""
         ...
 
+    def cast_into(self, source: Source, jobs: list[CastJob]) -> None:
+        """Read ``count`` elements of dtype ``source_dtype`` at ``offset`` and write them,
+        cast to ``target_dtype``, into the contiguous host byte tensor ``dest``."""
+        ...
+
+    def cast_copy_ranges(
+        self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, str, str, int]]
+    ) -> list[int]:
+        """File to file, cast on the way: ``(source_offset, count, source_dtype, target_dtype,
+        dest_offset)``; the CRC-32 of each job's output bytes."""
+        ...
+
+
+# (offset, element count, source dtype name, target dtype name, destination bytes)
+CastJob = tuple[int, int, str, str, "torch.Tensor"]
+
 
 @dataclass(frozen=True)
 class BackendInfo:
@@ -154,6 +170,26 @@ class PythonBackend(_SharedPaths):
                 crc = zlib.crc32(source.read(start, min(8 << 20, offset + length - start)), crc)
             crcs.append(crc)
         return crcs
+
+    def cast_into(self, source: Source, jobs: list[CastJob]) -> None:
+        from .float_cast import CHUNK_ELEMENTS, cast_bytes
+        from .index.symbols import DTYPES
+
+        for offset, count, source_dtype, target_dtype, dest in jobs:
+            out = dest.numpy()
+            width, at = DTYPES[source_dtype].itemsize, 0
+            for first in range(0, count, CHUNK_ELEMENTS):
+                n = min(CHUNK_ELEMENTS, count - first)
+                cast = cast_bytes(source.read(offset + first * width, n * width), source_dtype, target_dtype)
+                out[at : at + len(cast)] = cast
+                at += len(cast)
+
+    def cast_copy_ranges(
+        self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, str, str, int]]
+    ) -> list[int]:
+        from .sinks.file_copy import cast_copy_ranges
+
+        return cast_copy_ranges(source_fd, dest_fd, jobs)
 
     def zip_entries(self, source: Source) -> Mapping[str, ZipEntry]:
         from .index.zip_index import read_zip_entries
@@ -236,6 +272,17 @@ class NativeBackend(_SharedPaths):
 
     def copy_ranges(self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, int, bool]]) -> list[int]:
         return list(self.module.copy_ranges(source_fd, dest_fd, jobs, io_threads()))
+
+    def cast_into(self, source: Source, jobs: list[CastJob]) -> None:
+        from .index.native_bridge import native_source
+
+        parsed = [(offset, count, a, b, dest.numpy()) for offset, count, a, b, dest in jobs]
+        self.module.cast_into(native_source(source), source.size, parsed, io_threads())
+
+    def cast_copy_ranges(
+        self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, str, str, int]]
+    ) -> list[int]:
+        return list(self.module.cast_copy_ranges(source_fd, dest_fd, jobs, io_threads()))
 
     def read_storages_to_device(
         self, index: CheckpointIndex, plans: list[StoragePlan]

@@ -11,6 +11,7 @@
 #include "bindings/source_arg.h"
 #include "io/copy_ranges.h"
 #include "io/crc32.h"
+#include "io/float_cast.h"
 #include "io/mapped_file.h"
 #include "io/parallel_read.h"
 
@@ -62,6 +63,41 @@ std::vector<CopyJob> copy_jobs(const py::list& jobs) {
   return parsed;
 }
 
+// Cast jobs name their formats by torch dtype name: ("float32", "bfloat16", ...).
+struct CastReadJobs {
+  std::vector<CastReadJob> jobs;
+  std::vector<py::buffer_info> exports;
+};
+
+CastReadJobs cast_read_jobs(const py::list& jobs) {
+  CastReadJobs result;
+  for (py::handle item : jobs) {
+    auto job = item.cast<py::tuple>();
+    const auto offset = job[0].cast<uint64_t>();
+    const auto count = job[1].cast<uint64_t>();
+    const FloatFormat from = float_format_named(job[2].cast<std::string>());
+    const FloatFormat to = float_format_named(job[3].cast<std::string>());
+    py::buffer_info info = job[4].cast<py::buffer>().request(/*writable=*/true);
+    if (info.itemsize != 1 || info.ndim != 1 || info.strides[0] != 1 ||
+        static_cast<uint64_t>(info.size) != count * format_bytes(to)) {
+      throw std::invalid_argument("cast destinations must be contiguous byte buffers of the cast's size");
+    }
+    result.jobs.push_back({offset, count, from, to, static_cast<uint8_t*>(info.ptr)});
+    result.exports.push_back(std::move(info));
+  }
+  return result;
+}
+
+std::vector<CastCopyJob> cast_copy_jobs(const py::list& jobs) {
+  std::vector<CastCopyJob> parsed;
+  for (py::handle item : jobs) {
+    auto job = item.cast<py::tuple>();
+    parsed.push_back({job[0].cast<uint64_t>(), job[1].cast<uint64_t>(), float_format_named(job[2].cast<std::string>()),
+                      float_format_named(job[3].cast<std::string>()), job[4].cast<uint64_t>()});
+  }
+  return parsed;
+}
+
 }  // namespace
 
 void register_io(py::module_& m) {
@@ -98,6 +134,20 @@ void register_io(py::module_& m) {
     const std::vector<CopyJob> parsed = copy_jobs(jobs);
     py::gil_scoped_release release;
     return copy_ranges(source_fd, dest_fd, parsed, threads);
+  });
+  m.def(
+      "cast_into",
+      [](const py::object& source, uint64_t size, const py::list& jobs, int threads) {
+        const SourceArg bytes(source, size);
+        const CastReadJobs parsed = cast_read_jobs(jobs);
+        py::gil_scoped_release release;
+        parallel_cast_read(bytes.get(), parsed.jobs, threads);
+      },
+      py::arg("source"), py::arg("size"), py::arg("jobs"), py::arg("threads"));
+  m.def("cast_copy_ranges", [](int source_fd, int dest_fd, const py::list& jobs, int threads) {
+    const std::vector<CastCopyJob> parsed = cast_copy_jobs(jobs);
+    py::gil_scoped_release release;
+    return cast_copy_ranges(source_fd, dest_fd, parsed, threads);
   });
   // The whole file mapped copy-on-write, as a buffer: torch.frombuffer makes it a tensor
   // whose storage keeps the mapping alive.

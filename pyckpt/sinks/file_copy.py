@@ -53,6 +53,28 @@ def _user_copy(source_fd: int, dest_fd: int, source_offset: int, length: int, de
     return crc
 
 
+def cast_copy_ranges(source_fd: int, dest_fd: int, jobs: list[tuple[int, int, str, str, int]]) -> list[int]:
+    """Each ``(source_offset, count, source_dtype, target_dtype, dest_offset)``, cast a chunk
+    at a time on the way; the CRC-32 of each job's output."""
+    from ..float_cast import CHUNK_ELEMENTS, cast_bytes
+    from ..index.symbols import DTYPES
+
+    crcs = []
+    for source_offset, count, source_dtype, target_dtype, dest_offset in jobs:
+        width, crc, at = DTYPES[source_dtype].itemsize, 0, dest_offset
+        for first in range(0, count, CHUNK_ELEMENTS):
+            length = min(CHUNK_ELEMENTS, count - first) * width
+            chunk = os.pread(source_fd, length, source_offset + first * width)
+            if len(chunk) != length:
+                raise CheckpointError(f"file shrank while being read (at offset {source_offset + first * width})")
+            cast = cast_bytes(chunk, source_dtype, target_dtype)
+            crc = zlib.crc32(cast, crc)
+            write_all(dest_fd, cast, at)
+            at += len(cast)
+        crcs.append(crc)
+    return crcs
+
+
 def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while len(view):
