@@ -9,7 +9,9 @@ from typing import Any
 
 from ._units import human_bytes
 from .errors import CheckpointError
+from .float_cast import casts
 from .index.records import TensorRecord, describe_value
+from .index.symbols import DType
 from .index.safetensors_format import METADATA_KEY
 from .plan import check_view, iter_records
 from .rename import ROOT
@@ -53,9 +55,15 @@ def output_format(destination: str, requested: str | None, *, sharded: bool = Fa
     return requested
 
 
-def storage_bytes(index: Any) -> int:
-    """Every storage byte of an index: what a conversion copies, at most."""
-    return sum(record.nbytes for record in index.storages.values())
+def storage_bytes(index: Any, target: DType | None = None) -> int:
+    """Every storage byte of an index, floating-point ones counted as ``target`` elements:
+    what a conversion writes, at most."""
+    if target is None:
+        return sum(record.nbytes for record in index.storages.values())
+    return sum(
+        record.nbytes // record.dtype.itemsize * target.itemsize if casts(record.dtype, target) else record.nbytes
+        for record in index.storages.values()
+    )
 
 
 class ByteProgress:
@@ -67,9 +75,11 @@ class ByteProgress:
         self.callback = callback
 
     @classmethod
-    def of_index(cls, index: Any, callback: Callable[[int, int], None] | None) -> ByteProgress:
-        """Progress over every storage byte of ``index``."""
-        return cls(storage_bytes(index), callback)
+    def of_index(
+        cls, index: Any, callback: Callable[[int, int], None] | None, target: DType | None = None
+    ) -> ByteProgress:
+        """Progress over every storage byte of ``index`` (as written after a cast to ``target``)."""
+        return cls(storage_bytes(index, target), callback)
 
     def __call__(self, nbytes: int) -> None:
         self.done += nbytes

@@ -18,9 +18,11 @@ from .convert_common import (
     check_all_views,
     kept_metadata,
 )
+from .casting import cast_tree
 from .errors import CheckpointError
 from .index import index_any
 from .index.policy import UNKNOWN_OPAQUE, policy_for
+from .index.symbols import DType
 from .rename import RenameReport, locate_state_dict, rename_state_dict, rename_tree
 from .sinks.atomic import AtomicFile
 from .sinks.dcp_writer import write_dcp
@@ -42,6 +44,7 @@ def convert_to_shards(
     overwrite: bool,
     drop_extra: bool,
     progress: Callable[[int, int], None] | None,
+    target: DType | None,
 ) -> ConvertReport:
     """``convert`` into a sharded checkpoint directory (the state dict only, as always for
     Hugging Face shards)."""
@@ -52,7 +55,8 @@ def convert_to_shards(
             state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
             if chosen == FORMAT_PT:
                 check_all_views(state_dict)
-            advance = ByteProgress.of_index(index, progress)
+            state_dict = cast_tree(state_dict, target)
+            advance = ByteProgress.of_index(index, progress, target)
 
             written = write_sharded(
                 index, state_dict, metadata, destination, safetensors=chosen == FORMAT_SAFETENSORS, limit=limit,
@@ -87,6 +91,7 @@ def convert_to_dcp(
     overwrite: bool,
     extract_state_dict: bool,
     progress: Callable[[int, int], None] | None,
+    target: DType | None,
 ) -> ConvertReport:
     """``convert`` into a ``torch.distributed.checkpoint`` directory."""
     with index_any(source, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index:
@@ -97,7 +102,8 @@ def convert_to_dcp(
             else:
                 root = rename_tree(index.root, key_map, report)
             tensors = check_all_views(root)
-            advance = ByteProgress.of_index(index, progress)
+            root = cast_tree(root, target)
+            advance = ByteProgress.of_index(index, progress, target)
 
             written = write_dcp(index, root, destination, overwrite=overwrite, backend=backend, progress=advance)
         except CheckpointError as exc:
@@ -120,7 +126,9 @@ def convert_directory_to_file(
     started: float,
     *,
     overwrite: bool,
+    drop_extra: bool,
     progress: Callable[[int, int], None] | None,
+    target: DType | None,
 ) -> ConvertReport:
     """A sharded or DCP checkpoint into one pt or safetensors file, each tensor copied from its file."""
     with index_any(source, backend, policy=policy_for(UNKNOWN_OPAQUE)) as index, AtomicFile(
@@ -129,20 +137,23 @@ def convert_directory_to_file(
         try:
             if chosen == FORMAT_PT:  # the whole tree (a DCP save may hold a training state)
                 state_dict = rename_tree(index.root, key_map, report)
+                metadata, dropped = kept_metadata(index, chosen, index.root, None, drop_extra)
             else:
-                _, found = locate_state_dict(index.root, None)
+                found_under, found = locate_state_dict(index.root, None)
+                metadata, dropped = kept_metadata(index, chosen, index.root, found_under, drop_extra)
                 state_dict = found if key_map is None else rename_state_dict(found, key_map, report)
             tensors = check_all_views(state_dict)
-            advance = ByteProgress.of_index(index, progress)
+            state_dict = cast_tree(state_dict, target)
+            advance = ByteProgress.of_index(index, progress, target)
 
             if chosen == FORMAT_PT:
                 written = write_pt(index, state_dict, output.fd, destination, backend, advance)
             else:
-                written = write_safetensors(index, state_dict, {}, output.fd, backend, advance)
+                written = write_safetensors(index, state_dict, metadata, output.fd, backend, advance)
         except CheckpointError as exc:
             raise exc.located(path=index.display)
     return ConvertReport(
         source=source, destination=destination, format=chosen, tensors=tensors, storages=written.storages,
         tensor_bytes=written.tensors_bytes, file_bytes=written.file_bytes, renamed_keys=report.renamed,
-        seconds=time.perf_counter() - started, examples=report.examples,
+        seconds=time.perf_counter() - started, examples=report.examples, dropped=dropped,
     )

@@ -26,8 +26,10 @@ from .convert_common import (
     output_format,
     storage_bytes,
 )
+from .casting import cast_tree
 from .convert_directories import convert_directory_to_file, convert_to_dcp, convert_to_shards
 from .errors import CheckpointError
+from .float_cast import cast_target
 from .index import index_opened
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index.dcp_format import is_dcp_directory
@@ -59,6 +61,7 @@ def convert(
     extract_state_dict: bool = False,
     progress: Callable[[int, int], None] | None = None,
     max_shard_size: int | str | None = None,
+    dtype: Any = None,
 ) -> ConvertReport:
     """Write ``src`` to ``dst`` with renamed keys; nothing stands at ``dst`` unless it succeeds.
 
@@ -87,6 +90,7 @@ def convert(
     source, destination = os.fspath(src), os.fspath(dst)
     sharded_limit = None if max_shard_size is None else parse_size(max_shard_size)
     chosen = output_format(destination, format, sharded=sharded_limit is not None)
+    target = None if dtype is None else cast_target(dtype)
     if sharded_limit is not None and chosen == FORMAT_DCP:
         raise ValueError("--max-shard-size writes Hugging Face shards (pt or safetensors), not DCP")
     if not overwrite and os.path.lexists(destination):
@@ -97,17 +101,18 @@ def convert(
     if sharded_limit is not None:
         return convert_to_shards(
             source, destination, chosen, sharded_limit, backend, key_map, report, started,
-            key=key, overwrite=overwrite, drop_extra=drop_extra, progress=progress,
+            key=key, overwrite=overwrite, drop_extra=drop_extra, progress=progress, target=target,
         )
     if chosen == FORMAT_DCP:
         return convert_to_dcp(
             source, destination, backend, key_map, report, started,
-            key=key, overwrite=overwrite, extract_state_dict=extract_state_dict, progress=progress,
+            key=key, overwrite=overwrite, extract_state_dict=extract_state_dict, progress=progress, target=target,
         )
     files = checkpoint_files(source)
     if is_dcp_directory(source) or isinstance(files, ShardedCheckpoint):  # several files, one index
         return convert_directory_to_file(
-            source, destination, chosen, backend, key_map, report, started, overwrite=overwrite, progress=progress,
+            source, destination, chosen, backend, key_map, report, started, overwrite=overwrite,
+            drop_extra=drop_extra, progress=progress, target=target,
         )
     if files is not None:  # a model directory holding one file
         source = files
@@ -118,7 +123,7 @@ def convert(
         cleanup.callback(opened.close)
         whole_tree = chosen == FORMAT_PT and not extract_state_dict
         copying: SpanCopy | None = None
-        span = _storage_span(opened, backend) if whole_tree else None
+        span = _storage_span(opened, backend) if whole_tree and target is None else None
         if span is not None:
             # Started before indexing, so the copy overlaps the pickle's reading and rewriting.
             copying = cleanup.enter_context(
@@ -132,14 +137,14 @@ def convert(
                 metadata, dropped = kept_metadata(index, chosen, index.root, None, drop_extra)
                 root = rename_tree(index.root, key_map, report)
                 tensors = _check_index_views(index, root)
-                payload: Any = root
+                payload: Any = cast_tree(root, target)
             else:
                 found_under, original = locate_state_dict(index.root, key)
                 metadata, dropped = kept_metadata(index, chosen, index.root, found_under, drop_extra)
                 state_dict = original if key_map is None else rename_state_dict(original, key_map, report)
-                payload = state_dict
                 tensors = check_all_views(state_dict) if chosen == FORMAT_PT else len(state_dict)
-            advance.total = storage_bytes(index)
+                payload = cast_tree(state_dict, target)
+            advance.total = storage_bytes(index, target)
             written = None if copying is None else write_pt_around_span(index, payload, output.fd, copying)
             if written is None:
                 if copying is not None:  # the pickle names its storages otherwise: start over

@@ -20,10 +20,13 @@ from .errors import CheckpointError
 from .index.dcp_format import ChunkPlace, DcpTensor, read_dcp_metadata, set_element
 from .index.policy import policy_for
 from .index.source import BufferSource
+from .index.symbols import DType
+from .float_cast import casts
 from .sinks.torch_values import torch_dtype
 
 
-def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str) -> dict[str, Any]:
+def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str, target: DType | None = None) -> dict[str, Any]:
+    """Every entry, tensors assembled from their chunks (each chunk cast to ``target`` as it is read)."""
     if not cpu_only(map_location):
         raise ValueError("a DCP checkpoint is loaded to CPU for now: pass map_location=None or 'cpu'")
     metadata = read_dcp_metadata(directory, current_backend())
@@ -33,9 +36,10 @@ def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str) ->
     try:
         for key, entry in metadata.entries.items():
             if isinstance(entry, DcpTensor):
-                value: Any = torch.empty(entry.size, dtype=torch_dtype(entry.dtype))
+                dtype = target if casts(entry.dtype, target) else entry.dtype
+                value: Any = torch.empty(entry.size, dtype=torch_dtype(dtype))  # type: ignore[arg-type]
                 for chunk in entry.chunks:
-                    part = _load_chunk(chunk, files, policy)
+                    part = _load_chunk(chunk, files, policy, target)
                     if not isinstance(part, torch.Tensor) or part.dtype != value.dtype or tuple(part.shape) != chunk.sizes:
                         raise CheckpointError(
                             f"chunk at {list(chunk.offsets)} holds {_describe(part)}, not a {value.dtype} tensor of "
@@ -44,7 +48,7 @@ def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str) ->
                         )
                     value[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))] = part
             else:
-                value = _load_chunk(entry.place, files, policy)
+                value = _load_chunk(entry.place, files, policy, target)
             path = metadata.paths.get(key)
             if path is None:
                 result[key] = value
@@ -56,7 +60,7 @@ def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str) ->
     return result
 
 
-def _load_chunk(place: ChunkPlace, files: dict[str, int], policy: Any) -> Any:
+def _load_chunk(place: ChunkPlace, files: dict[str, int], policy: Any, target: DType | None) -> Any:
     from .loading import load_opened
 
     fd = files.get(place.file)
@@ -66,7 +70,7 @@ def _load_chunk(place: ChunkPlace, files: dict[str, int], policy: Any) -> Any:
     if len(data) != place.length:
         raise CheckpointError(f"file shrank while being read (chunk at offset {place.offset})", path=place.file)
     source = BufferSource(data, display=f"{place.file} (chunk at offset {place.offset})")
-    return load_opened(source, "cpu", mmap=False, policy=policy)  # assembled on CPU whatever it says
+    return load_opened(source, "cpu", mmap=False, policy=policy, target=target)  # assembled on CPU whatever it says
 
 
 def _describe(value: Any) -> str:

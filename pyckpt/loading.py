@@ -15,12 +15,15 @@ from ._device import MapLocation, check_map_location
 from .errors import CheckpointError
 from .execute import execute_plan
 from .execute.direct import NOTHING, cpu_only, load_direct
+from .casting import cast_tree
+from .float_cast import cast_target
 from .index import index_opened
+from .index.symbols import DType
 from .index.policy import UNKNOWN_ERROR, GlobalsPolicy, policy_for
 from .index.sharded import ShardedCheckpoint, checkpoint_files
 from .index.dcp_format import is_dcp_directory
 from .index.source import BufferSource, FileArg, Source, open_source
-from .plan import plan_index
+from .plan import plan_index, plan_storages
 from .rename import AUTO, KeyMap, RenameRules, make_key_map, rename_tree
 from .sinks.objects import build_objects
 
@@ -40,6 +43,7 @@ def load(
     strip_prefix: str | None = None,
     rename: RenameRules | None = None,
     unknown_globals: str = UNKNOWN_ERROR,
+    dtype: Any = None,
 ) -> Any:
     """Load a checkpoint like ``torch.load(f, weights_only=True)``, without running pickle.
 
@@ -54,27 +58,34 @@ def load(
         unknown_globals: ``"error"`` (default: refuse what torch's weights_only refuses) or
             ``"opaque"``: keep every other global as an inert :class:`pyckpt.Opaque` record
             (nothing is imported or run; tensors inside are real).
+        dtype: cast floating-point tensors to ``torch.bfloat16``, ``torch.float16`` or
+            ``torch.float32`` (or ``"bf16"``, ``"fp16"``, ``"fp32"``) while they are read, a
+            chunk at a time; integer, bool, complex and quantized tensors are left as they are.
+            Views and tied weights still share one storage.
     """
     policy = policy_for(unknown_globals)
+    target = None if dtype is None else cast_target(dtype)
     check_map_location(map_location)
     key_map = make_key_map(_check_strip_prefix(strip_prefix), _check_rules(rename))
     is_path = isinstance(f, (str, os.PathLike))
     if mmap and not is_path:
         raise ValueError("f must be a file path in order to use the mmap argument")
     if not weights_only:
+        if target is not None:
+            raise ValueError("dtype= casts what pyckpt reads itself; it cannot be combined with weights_only=False")
         warnings.warn(UNSAFE_WARNING, UserWarning, stacklevel=2)
         obj = torch.load(f, map_location=map_location, weights_only=False, mmap=mmap)
         return rename_tree(obj, key_map)
     files = checkpoint_files(f)
     if isinstance(files, ShardedCheckpoint):
-        return rename_tree(_load_shards(files, map_location, mmap, unknown_globals), key_map)
+        return rename_tree(_load_shards(files, map_location, mmap, unknown_globals, target), key_map)
     if files is not None:  # a model directory holding one file
         f = files
     if is_dcp_directory(f):
         from .dcp_loading import load_dcp
 
-        return rename_tree(load_dcp(os.fspath(f), map_location, unknown_globals), key_map)
-    return load_opened(open_source(f), map_location, mmap=mmap, policy=policy, key_map=key_map)
+        return rename_tree(load_dcp(os.fspath(f), map_location, unknown_globals, target), key_map)
+    return load_opened(open_source(f), map_location, mmap=mmap, policy=policy, key_map=key_map, target=target)
 
 
 def load_opened(
@@ -84,12 +95,13 @@ def load_opened(
     mmap: bool | None,
     policy: GlobalsPolicy,
     key_map: KeyMap | None = None,
+    target: DType | None = None,
 ) -> Any:
-    """``load`` of a source already open (closed when done)."""
+    """``load`` of a source already open (closed when done); ``target``: the cast's dtype."""
     backend = current_backend()
     shared_mapping = mmap is True and _mmap_shared()
     try:
-        if cpu_only(map_location):  # a plain checkpoint to CPU: one native pass, when it can
+        if cpu_only(map_location) and target is None:  # a plain checkpoint to CPU: one native pass, when it can
             direct = load_direct(source, backend, policy, mmap=mmap, shared_mapping=shared_mapping)
             if direct is not NOTHING:
                 if isinstance(source, BufferSource):
@@ -105,10 +117,15 @@ def load_opened(
         raise
     with index:
         try:
-            root = rename_tree(index.root, key_map)
-            plans = plan_index(index, root, map_location, mmap=mmap, can_map=index.source.path is not None)
+            root = cast_tree(rename_tree(index.root, key_map), target)
+            can_map = index.source.path is not None
+            if target is None:
+                plans = plan_index(index, root, map_location, mmap=mmap, can_map=can_map)
+            else:  # the cast stand-ins are in the tree, not in the index's storage table
+                plans = plan_storages(root, map_location, mmap=mmap, can_map=can_map)
             storages = execute_plan(index, plans, map_location, backend, shared_mapping=shared_mapping)
-            return build_objects(root, storages, backend.make_tensors(index.tensor_records, storages))
+            tensors = backend.make_tensors(index.tensor_records, storages) if target is None else None
+            return build_objects(root, storages, tensors)
         except CheckpointError as exc:
             raise exc.located(path=index.display)
         except RecursionError:
@@ -116,13 +133,14 @@ def load_opened(
 
 
 def _load_shards(
-    sharded: ShardedCheckpoint, map_location: MapLocation, mmap: bool | None, unknown_globals: str
+    sharded: ShardedCheckpoint, map_location: MapLocation, mmap: bool | None, unknown_globals: str,
+    target: DType | None,
 ) -> OrderedDict[str, Any]:
     """Every shard's tensors, as one state dict in the index's key order (renamed after, so
     renaming and its collision errors see every key at once)."""
     parts = []
     for shard in sharded.shards:
-        part = load(shard, map_location, mmap=mmap, unknown_globals=unknown_globals)
+        part = load(shard, map_location, mmap=mmap, unknown_globals=unknown_globals, dtype=target and target.name)
         if not isinstance(part, dict):
             raise CheckpointError(f"shard holds a {type(part).__name__}, not a state dict", path=shard)
         parts.append((shard, part))

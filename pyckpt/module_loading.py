@@ -25,13 +25,15 @@ from ._backend import current_backend
 from ._device import MapLocation, check_map_location
 from .errors import CheckpointError
 from .execute import execute_plan
+from .execute.cast_fill import cast_into_device
 from .execute.cpu import CopyJob, run_copy_jobs
 from .execute.device import copy_pieces, ring_capable, ring_config, ring_module
 from .index import index_checkpoint
 from .index.checkpoint import CheckpointIndex
 from .index.dcp_format import is_dcp_directory
 from .index.policy import UNKNOWN_OPAQUE, policy_for
-from .index.records import ParameterRecord, TensorRecord
+from .float_cast import CAST_SOURCES, CAST_TARGETS
+from .index.records import METHOD_STORED, ParameterRecord, TensorRecord
 from .index.sharded import ShardedCheckpoint, checkpoint_files
 from .index.source import FileArg
 from .plan import check_view, plan_storages
@@ -288,6 +290,7 @@ def _direct_fill(
     on_cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in targets.values())
     ring = ring_module() if on_cuda and backend.name == "native" else None
     host_jobs: list[CopyJob] = []
+    cast_jobs: dict[torch.device, list[Any]] = {}  # checkpoint elements cast into another dtype
     device_pieces: dict[torch.device, list[tuple[int, int, torch.Tensor, int]]] = {}
     filled: dict[str, torch.Tensor] = {}
     scheduled: set[tuple[Any, ...]] = set()
@@ -306,6 +309,18 @@ def _direct_fill(
     for (name, record, target), host in zip(candidates, on_host):
         if host and next(done):
             filled[name] = target
+            continue
+        if _cast_fillable(record, target):
+            check_view(record, name)
+            filled[name] = target
+            signature = (target.data_ptr(), target.device, record.storage.key, record.storage_offset)
+            if signature not in scheduled:
+                scheduled.add(signature)
+                width = record.dtype.itemsize
+                dest = target.detach().reshape(-1).view(torch.uint8)
+                job = (record.storage.data_offset + record.storage_offset * width, record.numel,
+                       record.dtype.name, str(target.dtype).removeprefix("torch."), dest)
+                cast_jobs.setdefault(target.device, []).append(job)
             continue
         if not _fillable(record, target):
             continue
@@ -328,20 +343,42 @@ def _direct_fill(
             device_pieces.setdefault(target.device, []).append(piece)
     with torch.no_grad():
         run_copy_jobs(index.source, host_jobs, backend)
+        for device, jobs in cast_jobs.items():
+            if device.type == "cpu":
+                backend.cast_into(index.source, jobs)
+            else:
+                cast_into_device(index.source, jobs, device, backend)
         for device, pieces in device_pieces.items():
             with torch.cuda.device(device):
                 copy_pieces(ring, index.source, pieces, device, ring_config())
     return filled
 
 
-def _fillable(record: TensorRecord, target: Any) -> bool:
+def _cast_fillable(record: TensorRecord, target: Any) -> bool:
+    """A floating-point record stored raw, into a parameter of another floating-point dtype
+    (on the host, or on CUDA): cast on the way, as ``param.copy_`` would cast."""
     return (
         isinstance(target, torch.Tensor)
-        and not nn.parameter.is_lazy(target)
+        and (target.device.type == "cpu" or target.device.type == "cuda")
+        and record.dtype.name in CAST_SOURCES
+        and str(target.dtype).removeprefix("torch.") in CAST_TARGETS
+        and not same_dtype(record.dtype, target.dtype)
+        and _same_layout(record, target)
+        and record.storage.method == METHOD_STORED
+    )
+
+
+def _fillable(record: TensorRecord, target: Any) -> bool:
+    return isinstance(target, torch.Tensor) and same_dtype(record.dtype, target.dtype) and _same_layout(record, target)
+
+
+def _same_layout(record: TensorRecord, target: torch.Tensor) -> bool:
+    """Both dense, contiguous, of one shape, with nothing to resolve on either side."""
+    return (
+        not nn.parameter.is_lazy(target)
         and type(target) in (torch.Tensor, nn.Parameter)
         and target.layout == torch.strided
         and not target.is_quantized
-        and same_dtype(record.dtype, target.dtype)
         and tuple(target.shape) == record.size
         and target.is_contiguous()
         and record.is_contiguous()

@@ -105,7 +105,7 @@ def _rename(value: Any, key_map: KeyMap, report: RenameReport, done: dict[int, A
             new_item = _rename(item, key_map, report, done)
             if new_item is not item:
                 if result is value:
-                    result = _copy_mapping(value)
+                    result = copy_mapping(value)
                 result[key] = new_item
     elif isinstance(value, Opaque):
         result = _rename_opaque(value, key_map, report, done)
@@ -137,7 +137,7 @@ def _rename_opaque(value: Opaque, key_map: KeyMap, report: RenameReport, done: d
                   items=items, dict_items=dict_items)
 
 
-def _copy_mapping(value: dict[Any, Any]) -> dict[Any, Any]:
+def copy_mapping(value: dict[Any, Any]) -> dict[Any, Any]:
     copy = type(value)(value)
     extra = getattr(value, "__dict__", None)
     if extra:

@@ -17,8 +17,10 @@ examples:
   pyckpt convert ckpt.pt ckpt.pt --force                  # in place: replaced only when complete
   pyckpt convert ddp.pt hf_dir --max-shard-size 5GB       # sharded safetensors + index.json
   pyckpt convert model.safetensors plain.pt               # safetensors in, pt out
+  pyckpt convert fp32.pt model.safetensors --dtype bf16   # cast floating-point tensors
 
-Storage bytes are copied as they are (no decode/re-encode), only data.pkl is rewritten.
+Storage bytes are copied as they are (no decode/re-encode), only data.pkl is rewritten;
+with --dtype, floating-point storages are cast on the way, a chunk at a time.
 Objects of classes beyond torch's weights_only allowlist (argparse.Namespace, configs,
 pickled modules) are never imported or run: pt output writes them back exactly as read.
 The output appears at DST only when complete; an existing DST needs --force.
@@ -71,6 +73,12 @@ def register(commands: Any) -> None:
         "model.safetensors.index.json; with --format pt, pytorch_model-*.bin) of shards of at most SIZE "
         "(5GB, 500MB: decimal as Hugging Face counts; 2GiB: binary); the state dict only",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"],
+        help="cast floating-point tensors (float64/32/16, bfloat16, float8) to this dtype, as torch's "
+        ".to() rounds; integer, bool, complex and quantized tensors are written as they are",
+    )
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     parser.set_defaults(run=run)
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             extract_state_dict=args.extract_state_dict,
             progress=bar.update,
             max_shard_size=args.max_shard_size,
+            dtype=args.dtype,
         )
     finally:
         bar.close()

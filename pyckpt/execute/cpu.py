@@ -53,9 +53,14 @@ def run_copy_jobs(source: Source, jobs: list[CopyJob], backend: Backend) -> None
 def read_storages(
     index: CheckpointIndex, records: list[StorageRecord], backend: Backend
 ) -> dict[str, torch.UntypedStorage]:
-    """Fresh host storages holding ``records``' bytes in native byte order, by storage key."""
-    raw = [r for r in records if r.method != METHOD_DEFLATE and not r.byteswap and r.nbytes < BULK_LIMIT]
+    """Fresh host storages holding ``records``' bytes in native byte order, by storage key
+    (cast stand-ins: their original's elements, cast while they are read)."""
     result: dict[str, torch.UntypedStorage] = {}
+    cast = [r for r in records if r.cast_from is not None]
+    if cast:
+        result.update(_read_cast(index, cast, backend))
+        records = [r for r in records if r.cast_from is None]
+    raw = [r for r in records if r.method != METHOD_DEFLATE and not r.byteswap and r.nbytes < BULK_LIMIT]
     if raw:  # stored records: allocated and read in bulk
         try:
             storages = backend.read_fresh(index.source, [(r.data_offset, r.nbytes) for r in raw])
@@ -85,6 +90,27 @@ def _read_one_by_one(
         if record.byteswap:
             result[record.key].byteswap(torch_dtype(record.dtype))
     return result
+
+
+def _read_cast(index: CheckpointIndex, records: list[StorageRecord], backend: Backend) -> dict[str, torch.UntypedStorage]:
+    """Stored records are cast a chunk at a time on their way from the file (no second copy of
+    the storage is held); compressed or byte-swapped ones are read whole first, then cast."""
+    from ..float_cast import cast_bytes
+
+    buffers = {record.key: allocate_bytes(record.nbytes, record) for record in records}
+    jobs = []
+    for record in records:
+        original, elements = record.cast_from.record, record.cast_from.dtype  # type: ignore[union-attr]
+        count = original.nbytes // elements.itemsize
+        if original.method == METHOD_DEFLATE or original.byteswap:
+            held = read_storages(index, [original], backend)[original.key]
+            data = torch.empty(0, dtype=torch.uint8).set_(held).numpy()  # type: ignore[call-overload]
+            buffers[record.key].numpy()[:] = cast_bytes(data, elements.name, record.dtype.name)
+        elif count:
+            jobs.append((original.data_offset, count, elements.name, record.dtype.name, buffers[record.key]))
+    if jobs:
+        backend.cast_into(index.source, jobs)
+    return {key: buffer.untyped_storage() for key, buffer in buffers.items()}
 
 
 def allocate_bytes(nbytes: int, record: StorageRecord | None = None) -> torch.Tensor:

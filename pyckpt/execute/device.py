@@ -49,8 +49,8 @@ def ring_config(**overrides: int) -> RingConfig:
 
 
 def ring_capable(record: StorageRecord) -> bool:
-    """Raw bytes in native order: the ring copies them as they are."""
-    return record.method == METHOD_STORED and not record.byteswap
+    """Raw bytes in native order: the ring copies them as they are (casts are made on the host)."""
+    return record.method == METHOD_STORED and not record.byteswap and record.cast_from is None
 
 
 _ring_module: Any = None

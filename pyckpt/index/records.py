@@ -62,6 +62,9 @@ class StorageRecord:
     # ``view_of``'s, from ``view_start``, and the two storages share memory once loaded.
     view_of: StorageRecord | None = None
     view_start: int = 0
+    # A stand-in made by the cast stage: these are the elements of ``cast_from.record`` in
+    # ``dtype``, converted while they are copied (the file holds the original's bytes).
+    cast_from: CastSource | None = None
 
     @property
     def element_size(self) -> int:
@@ -71,9 +74,19 @@ class StorageRecord:
         """Stored raw, in file byte order, at an aligned offset: safe to hand out as a view."""
         return (
             self.method == METHOD_STORED
+            and self.cast_from is None
             and not self.byteswap
             and self.data_offset % alignment == 0
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CastSource:
+    """Where a cast storage's elements come from: a storage of the file, holding ``dtype``
+    elements (its own dtype may say bytes: float8 storages are pickled untyped)."""
+
+    record: StorageRecord
+    dtype: DType
 
 
 @dataclass(eq=False, slots=True)

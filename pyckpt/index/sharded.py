@@ -161,7 +161,8 @@ class CompositeIndex(CheckpointIndex):
         return sum(part.source.size for part in self.parts)
 
     def part_for(self, storage: StorageRecord) -> CheckpointIndex:
-        return self.owners[id(storage.view_of or storage)]
+        held = storage.cast_from.record if storage.cast_from else storage  # a cast is read from its original
+        return self.owners[id(held.view_of or held)]
 
     def can_view(self, storage: StorageRecord) -> bool:
         return self.part_for(storage).can_view(storage)

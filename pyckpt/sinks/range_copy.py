@@ -64,6 +64,8 @@ def run_copies(
             progress(batch_bytes)
         batch, batch_bytes = [], 0
 
+    casts = [copy for copy in copies if copy.storage.cast_from is not None]
+    copies = [copy for copy in copies if copy.storage.cast_from is None]
     for copy in copies:
         part = index.part_for(copy.storage)
         if copy.storage.method == METHOD_DEFLATE:
@@ -78,6 +80,56 @@ def run_copies(
         if batch_bytes >= BATCH_BYTES:
             flush()
     flush()
+    # Last: a batch of small copies is written as one span, gaps included, and may cover the
+    # places of cast storages between them.
+    if casts:
+        _run_casts(index, casts, dest_fd, backend, progress)
+
+
+def _run_casts(
+    index: CheckpointIndex, copies: list[RangeCopy], dest_fd: int, backend: Backend, progress: Progress | None
+) -> None:
+    """Copies of cast stand-ins: elements read from the original record and cast on the way,
+    file to file, a chunk at a time; compressed or byte-swapped originals are read whole,
+    cast, then written."""
+    by_part: dict[int, tuple[CheckpointIndex, list[RangeCopy]]] = {}
+    for copy in copies:
+        part = index.part_for(copy.storage)
+        by_part.setdefault(id(part), (part, []))[1].append(copy)
+    for part, group in by_part.values():
+        streamed = [c for c in group if not _read_whole(c.storage)]
+        for start in range(0, len(streamed), 256):  # batches, so progress moves
+            batch = streamed[start : start + 256]
+            jobs = []
+            for copy in batch:
+                source = copy.storage.cast_from
+                original, elements, target = source.record, source.dtype, copy.storage.dtype  # type: ignore[union-attr]
+                first = copy.start // target.itemsize
+                jobs.append((original.data_offset + first * elements.itemsize, copy.length // target.itemsize,
+                             elements.name, target.name, copy.dest_offset))
+            crcs = backend.cast_copy_ranges(part.source.fd, dest_fd, jobs)  # type: ignore[attr-defined]
+            for copy, crc in zip(batch, crcs):
+                copy.crc32 = crc
+            if progress is not None:
+                progress(sum(copy.length for copy in batch))
+        for copy in group:
+            if _read_whole(copy.storage):  # rare (old or big-endian files): torch is imported
+                import torch
+
+                from ..execute.cpu import read_storages
+
+                held = read_storages(part, [copy.storage], backend)[copy.storage.key]
+                whole = torch.empty(0, dtype=torch.uint8).set_(held).numpy()  # type: ignore[call-overload]
+                data = memoryview(whole[copy.start : copy.start + copy.length])
+                copy.crc32 = zlib.crc32(data)
+                write_all(dest_fd, data, copy.dest_offset)
+                if progress is not None:
+                    progress(copy.length)
+
+
+def _read_whole(storage: StorageRecord) -> bool:
+    source = storage.cast_from
+    return source is not None and (source.record.method == METHOD_DEFLATE or source.record.byteswap)
 
 
 def _inflate_to_file(index: CheckpointIndex, copy: RangeCopy, dest_fd: int, progress: Progress | None) -> int:
