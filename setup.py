@@ -72,7 +72,7 @@ setup(
     packages=find_packages(include=["pyckpt", "pyckpt.*"]),
     package_data={"pyckpt": ["py.typed"]},
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest", "safetensors"], "safetensors": ["safetensors"]},
+    extras_require={"test": ["pytest", "safetensors", "omegaconf", "transformers", "huggingface_hub"], "safetensors": ["safetensors"]},
     entry_points={"console_scripts": ["pyckpt=pyckpt.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -12,7 +12,8 @@ One run, two tables, on the transformer-shaped DataParallel checkpoint of common
   pt to safetensors, to sharded safetensors, to DCP; sharded and safetensors back to pt; DCP
   to safetensors, against torch's own recipe for it (dcp_to_torch_save, then safetensors'
   save_file). Peak RSS is shown above a bare ``import pyckpt`` (the CLI never needs more
-  unless it writes DCP, whose metadata classes are torch's).
+  unless it writes DCP, whose metadata classes are torch's). The ``--dtype`` rows cast
+  float32 to half width while copying, so they write half the bytes cp does.
 
 Inputs derived from the checkpoint (the sharded directory, the DCP directory) are made once,
 by pyckpt and by torch's dcp.save, and cached beside it.
@@ -176,6 +177,17 @@ def main() -> int:
         "safetensors -> pt": (cli("convert", str(inputs["safetensors"]), str(out / "from-st.pt")), out / "from-st.pt"),
         "dcp -> safetensors": (cli("convert", str(inputs["dcp"]), str(out / "from-dcp.safetensors")),
                                out / "from-dcp.safetensors"),
+        "pt -> pt --dtype bf16": (cli("convert", str(inputs["pt"]), str(out / "bf16.pt"), "--dtype", "bf16"),
+                                  out / "bf16.pt"),
+        "pt -> sharded safetensors --dtype bf16": (
+            cli("convert", str(inputs["pt"]), str(out / "bf16-shards"), "--max-shard-size", SHARD_SIZE, "--dtype", "bf16"),
+            out / "bf16-shards"),
+        "sharded -> dcp --dtype fp16": (
+            cli("convert", str(inputs["sharded"]), str(out / "fp16-dcp"), "--format", "dcp", "--dtype", "fp16"),
+            out / "fp16-dcp"),
+        "dcp -> safetensors --dtype bf16": (
+            cli("convert", str(inputs["dcp"]), str(out / "bf16-from-dcp.safetensors"), "--dtype", "bf16"),
+            out / "bf16-from-dcp.safetensors"),
         "torch: dcp_to_torch_save + save_file": (
             [sys.executable, "-c", DCP_RECIPE, str(inputs["dcp"]), str(out / "recipe.safetensors")],
             out / "recipe.safetensors"),

@@ -120,11 +120,13 @@ def metadata_entries(root: Any, found_under: Any, drop_extra: bool) -> tuple[dic
 def kept_metadata(
     index: Any, chosen: str, root: Any, found_under: Any, drop_extra: bool
 ) -> tuple[dict[str, str], list[str]]:
-    """What the output keeps as ``__metadata__`` (safetensors only: the source's own, and the
-    string and number entries beside the state dict found under ``found_under``), and what
-    the report lists as dropped."""
+    """What the output keeps as ``__metadata__`` (safetensors only: ``format: pt``, the
+    source's own, and the string and number entries beside the state dict found under
+    ``found_under``), and what the report lists as dropped."""
     own = dict(index.metadata or {})
     if chosen != FORMAT_SAFETENSORS:
         return {}, [f"{METADATA_KEY} ({len(own)} strings: only safetensors output keeps them)"] if own else []
     entries, dropped = metadata_entries(root, found_under, drop_extra)
-    return {**own, **entries}, dropped
+    # "format": "pt" as Hugging Face's save_pretrained writes it: huggingface_hub refuses a
+    # safetensors header whose metadata names no format (or another than pt or mlx).
+    return {"format": "pt", **own, **entries}, dropped

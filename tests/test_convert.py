@@ -126,7 +126,7 @@ def test_safetensors_output(backend, tmp_path):
     from safetensors import safe_open
 
     with safe_open(dst, "pt") as f:
-        assert f.metadata() == {"epoch": "4", "lr": "0.5", "name": "run"}
+        assert f.metadata() == {"format": "pt", "epoch": "4", "lr": "0.5", "name": "run"}
 
 
 def test_safetensors_refuses_to_lose_entries(backend, tmp_path):
