@@ -80,13 +80,12 @@ dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_
 mesh = init_device_mesh("cpu", (world,))
 torch.manual_seed(0)
 full = {"rows": torch.randn(7, 3), "cols": torch.randn(4, 5).bfloat16(), "rep": torch.arange(6.0), "uneven": torch.arange(5)}
-state = {
+state = {"model": {
     "rows": distribute_tensor(full["rows"], mesh, [Shard(0)]),
     "cols": distribute_tensor(full["cols"], mesh, [Shard(1)]),
     "rep": distribute_tensor(full["rep"], mesh, [Replicate()]),
     "uneven": distribute_tensor(full["uneven"], mesh, [Shard(0)]),
-    "step": 11,
-}
+}, "step": 11}
 dcp.save(state, checkpoint_id=directory)
 if rank == 0:
     torch.save(full, os.path.join(os.path.dirname(directory), "full.pt"))
@@ -120,11 +119,11 @@ def test_tensors_saved_in_several_chunks(backend, sharded_dcp, tmp_path):
 
     chunks = {key: len(entry.chunks) for key, entry in read_dcp_metadata(directory, current_backend()).entries.items()
               if hasattr(entry, "chunks")}
-    assert chunks["rows"] == 2 and chunks["cols"] == 2 and chunks["uneven"] == 2  # really sharded
+    assert chunks["model.rows"] == 2 and chunks["model.cols"] == 2 and chunks["model.uneven"] == 2  # really sharded
     got = pyckpt.load(directory)
     assert_same(_reference(directory, tmp_path), got)
     for key, tensor in full.items():
-        assert torch.equal(got[key], tensor), key
+        assert torch.equal(got["model"][key], tensor), key
     assert got["step"] == 11
 
 
@@ -271,11 +270,51 @@ def test_inspect_and_verify_dcp(backend, tmp_path):
     assert not report.ok and "runs past the end" in report.problems[0]
 
 
-def test_sharded_save_is_not_converted_yet(backend, sharded_dcp, tmp_path):
-    directory, _ = sharded_dcp
-    with pytest.raises(pyckpt.CheckpointError, match="saved in 2 chunks .a sharded save.: pyckpt.load assembles it"):
-        pyckpt.convert(directory, tmp_path / "out.pt")
-    assert not (tmp_path / "out.pt").exists()
+@pytest.mark.parametrize("dtype", [None, "fp32"])
+def test_sharded_save_converts_to_every_format(backend, sharded_dcp, tmp_path, dtype):
+    """Tensors split in chunks by rows, by columns and unevenly are assembled piece by piece
+    into one file, new shards or DCP; cast on the way with a dtype."""
+    import json
+
+    import safetensors.torch
+
+    directory, full = sharded_dcp
+    cast = (lambda t: t.float() if t.is_floating_point() else t) if dtype else (lambda t: t)
+    expected = {key: cast(value) for key, value in full.items()}
+
+    pyckpt.convert(directory, tmp_path / "out.pt", dtype=dtype)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)  # torch checks every record's CRC
+    assert got["step"] == 11
+    for key, tensor in expected.items():
+        assert got["model"][key].dtype == tensor.dtype and torch.equal(got["model"][key], tensor), key
+
+    pyckpt.convert(directory, tmp_path / "out.safetensors", dtype=dtype)
+    got = safetensors.torch.load_file(tmp_path / "out.safetensors")
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+
+    pyckpt.convert(directory, tmp_path / "shards", max_shard_size=40, dtype=dtype)
+    weight_map = json.loads((tmp_path / "shards" / "model.safetensors.index.json").read_text())["weight_map"]
+    merged = {}
+    for name in set(weight_map.values()):
+        merged.update(safetensors.torch.load_file(tmp_path / "shards" / name))
+    for key, tensor in expected.items():
+        assert torch.equal(merged[key], tensor), key
+
+    pyckpt.convert(directory, tmp_path / "dcp", format="dcp", dtype=dtype)
+    into = {"model": {key: torch.empty_like(tensor) for key, tensor in expected.items()}, "step": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(into, checkpoint_id=str(tmp_path / "dcp"))
+    for key, tensor in expected.items():
+        assert torch.equal(into["model"][key], tensor), key
+    assert into["step"] == 11
+
+    from pyckpt.inspection import inspect_checkpoint
+
+    summary = inspect_checkpoint(directory)
+    assert summary["tensors"] == len(full)
+    assert summary["tensor_bytes"] == sum(t.numel() * t.element_size() for t in full.values())
     from pyckpt.verification import verify_checkpoint
 
     assert verify_checkpoint(directory).ok  # verify assembles, as load does

@@ -260,6 +260,63 @@ def set_element(root: dict[str, Any], path: tuple[Any, ...], value: Any) -> None
     container[last] = value
 
 
+def _assembled(key: str, entry: DcpTensor, parts: list[Any]) -> Any:
+    """One contiguous tensor record over a storage made of the chunks' bytes.
+
+    Each chunk is a dense tensor of its own; in the assembled tensor its elements lie in runs:
+    past the last dimension the chunk does not span whole, a run holds that dimension's
+    elements of the chunk times everything after it.
+    """
+    from .records import StorageRecord, StoragePiece, TensorRecord
+
+    itemsize = entry.dtype.itemsize
+    strides = _contiguous_strides(entry.size)
+    pieces = []
+    for place, value in zip(entry.chunks, parts):
+        if not isinstance(value, TensorRecord) or value.dtype != entry.dtype or value.size != place.sizes:
+            raise CheckpointError(f"chunk at {list(place.offsets)} does not hold the {entry.dtype} tensor of size "
+                                  f"{list(place.sizes)} the metadata describes", key=key, path=place.file)
+        if not value.is_contiguous() or value.metadata or value.storage.method != 0 or value.storage.byteswap:
+            raise CheckpointError(f"chunk at {list(place.offsets)} is not a dense tensor stored raw "
+                                  "(a strided view, compressed or byte-swapped)", key=key, path=place.file)
+        if (value.storage_offset + value.numel) * itemsize > value.storage.nbytes:
+            raise CheckpointError(f"chunk at {list(place.offsets)} views past the end of its storage",
+                                  key=key, path=place.file)
+        if value.numel == 0:
+            continue
+        split = max((d for d, (s, full) in enumerate(zip(place.sizes, entry.size)) if s != full), default=-1)
+        run = 1
+        for s in (place.sizes[split:] if split >= 0 else place.sizes):
+            run *= s
+        outer = place.sizes[:split] if split >= 0 else ()
+        for n, index in enumerate(_indices(outer)):
+            at = sum((i + o) * stride for i, o, stride in zip(index, place.offsets, strides))
+            at += place.offsets[split] * strides[split] if split >= 0 else 0
+            start = (value.storage_offset + n * run) * itemsize
+            pieces.append(StoragePiece(value.storage, start, run * itemsize, at * itemsize))
+    pieces.sort(key=lambda piece: piece.at)
+    nbytes = itemsize
+    for size in entry.size:
+        nbytes *= size
+    storage = StorageRecord(f"{key}/assembled", entry.dtype, nbytes, "cpu", None, 0, nbytes, pieces=tuple(pieces))
+    return TensorRecord(storage, entry.dtype, 0, entry.size, tuple(strides))
+
+
+def _contiguous_strides(size: tuple[int, ...]) -> list[int]:
+    strides, step = [], 1
+    for s in reversed(size):
+        strides.append(step)
+        step *= s
+    return strides[::-1]
+
+
+def _indices(sizes: tuple[int, ...]) -> Any:
+    """Every index into an array of ``sizes``, in row-major order."""
+    import itertools
+
+    return itertools.product(*(range(s) for s in sizes))
+
+
 def _extend_to(items: list[Any], index: Any) -> None:
     if type(index) is not int:
         raise CheckpointError(f"a list entry named by {index!r}, not an index")
@@ -271,8 +328,9 @@ def index_dcp(directory: str, backend: Backend, policy: Any) -> Any:
     """The DCP checkpoint as one index (a :class:`CompositeIndex` over its ``.distcp`` files),
     for ``convert``, ``inspect`` and ``verify``: each chunk's small torch zip is indexed in
     place (its storages then point into the ``.distcp`` file), and the tree is nested as
-    ``planner_data`` says. Only tensors saved whole (one chunk) can be copied as they are; a
-    tensor a sharded save split into chunks needs assembling, which only ``load`` does yet.
+    ``planner_data`` says. A tensor a sharded save split into chunks gets one storage made of
+    pieces of the chunks' storages (:class:`~pyckpt.index.records.StoragePiece`), which the
+    writers copy piece by piece into place.
     """
     import mmap
 
@@ -289,38 +347,42 @@ def index_dcp(directory: str, backend: Backend, policy: Any) -> Any:
     root: dict[str, Any] = {}
     tensor_records: list[Any] = []
     unchecked: list[Any] = []
+    pieced: dict[str, Any] = {}  # the storages of tensors assembled from several chunks
+
+    def index_chunk(place: ChunkPlace, whole: bool = True) -> Any:
+        """A chunk's small torch zip, indexed in place: its storages point into the .distcp file
+        (listed in the index when the chunk is a whole value, not a piece of an assembled one)."""
+        part = files.get(place.file)
+        if part is None:
+            source = FileSource(place.file)
+            part = files[place.file] = CheckpointIndex(source=source, format="dcp", root=None, storages={})
+            maps[place.file] = mmap.mmap(source.fd, 0, access=mmap.ACCESS_READ) if source.size else b""
+        chunk = BufferSource(memoryview(maps[place.file])[place.offset : place.offset + place.length],
+                             display=f"{place.file} (chunk at offset {place.offset})")
+        with index_source(chunk, backend, policy=policy) as chunk_index:
+            for storage in chunk_index.storages.values():
+                storage.data_offset += place.offset  # now an offset into the .distcp file
+                if whole:
+                    part.storages[f"{key}/{storage.key}"] = storage
+                owners[id(storage)] = part
+            tensor_records.extend(chunk_index.tensor_records)
+            unchecked.extend(chunk_index.unchecked_views)
+            return chunk_index.root
+
     try:
         for key, entry in metadata.entries.items():
-            if isinstance(entry, DcpTensor):
-                if len(entry.chunks) != 1 or entry.chunks[0].sizes != entry.size:
-                    raise CheckpointError(
-                        f"tensor is saved in {len(entry.chunks)} chunks (a sharded save): pyckpt.load assembles "
-                        "it, but convert, inspect and verify read only tensors saved whole, for now",
-                        key=key, path=directory,
-                    )
-                place = entry.chunks[0]
+            if isinstance(entry, DcpTensor) and (len(entry.chunks) != 1 or entry.chunks[0].sizes != entry.size):
+                value = _assembled(key, entry, [index_chunk(place, whole=False) for place in entry.chunks])
+                pieced[f"{key}/assembled"] = value.storage
+                tensor_records.append(value)
             else:
-                place = entry.place
-            part = files.get(place.file)
-            if part is None:
-                source = FileSource(place.file)
-                part = files[place.file] = CheckpointIndex(source=source, format="dcp", root=None, storages={})
-                maps[place.file] = mmap.mmap(source.fd, 0, access=mmap.ACCESS_READ) if source.size else b""
-            chunk = BufferSource(memoryview(maps[place.file])[place.offset : place.offset + place.length],
-                                 display=f"{place.file} (chunk at offset {place.offset})")
-            with index_source(chunk, backend, policy=policy) as chunk_index:
-                for storage in chunk_index.storages.values():
-                    storage.data_offset += place.offset  # now an offset into the .distcp file
-                    part.storages[f"{key}/{storage.key}"] = storage
-                    owners[id(storage)] = part
-                tensor_records += chunk_index.tensor_records
-                unchecked += chunk_index.unchecked_views
-                value = chunk_index.root
-            if isinstance(entry, DcpTensor) and (
-                not isinstance(value, TensorRecord) or value.dtype != entry.dtype or value.size != entry.size
-            ):
-                raise CheckpointError(f"chunk does not hold the {entry.dtype} tensor of size {list(entry.size)} "
-                                      "the metadata describes", key=key, path=place.file)
+                place = entry.chunks[0] if isinstance(entry, DcpTensor) else entry.place
+                value = index_chunk(place)
+                if isinstance(entry, DcpTensor) and (
+                    not isinstance(value, TensorRecord) or value.dtype != entry.dtype or value.size != entry.size
+                ):
+                    raise CheckpointError(f"chunk does not hold the {entry.dtype} tensor of size {list(entry.size)} "
+                                          "the metadata describes", key=key, path=place.file)
             path = metadata.paths.get(key)
             if path is None:
                 root[key] = value
@@ -334,7 +396,7 @@ def index_dcp(directory: str, backend: Backend, policy: Any) -> Any:
         source=next(iter(files.values())).source if files else FileSource(os.path.join(directory, METADATA_NAME)),
         format="dcp",
         root=root,
-        storages={name: storage for part in files.values() for name, storage in part.storages.items()},
+        storages={**{name: storage for part in files.values() for name, storage in part.storages.items()}, **pieced},
         tensor_records=tensor_records,
         unchecked_views=unchecked,
         parts=list(files.values()),

@@ -65,6 +65,9 @@ class StorageRecord:
     # A stand-in made by the cast stage: these are the elements of ``cast_from.record`` in
     # ``dtype``, converted while they are copied (the file holds the original's bytes).
     cast_from: CastSource | None = None
+    # A storage the file holds in pieces (a tensor a sharded DCP save split into chunks): its
+    # bytes are assembled from them, in order; the other location fields mean nothing then.
+    pieces: tuple[StoragePiece, ...] | None = None
 
     @property
     def element_size(self) -> int:
@@ -75,9 +78,21 @@ class StorageRecord:
         return (
             self.method == METHOD_STORED
             and self.cast_from is None
+            and self.pieces is None
             and not self.byteswap
             and self.data_offset % alignment == 0
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StoragePiece:
+    """Bytes ``[start, start + length)`` of ``source`` are bytes ``[at, at + length)`` of
+    the storage they assemble."""
+
+    source: StorageRecord
+    start: int
+    length: int
+    at: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -165,6 +165,8 @@ class CompositeIndex(CheckpointIndex):
         return self.owners[id(held.view_of or held)]
 
     def can_view(self, storage: StorageRecord) -> bool:
+        if storage.pieces is not None:  # assembled from several files: never one view of a file
+            return False
         return self.part_for(storage).can_view(storage)
 
     def close(self) -> None:
