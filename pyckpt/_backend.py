@@ -23,11 +23,9 @@ from .errors import ExtensionUnavailableError, announce_fallback
 if TYPE_CHECKING:
     import torch
 
-    from .index.checkpoint import CheckpointIndex
     from .index.interpret import Interpreter
     from .index.records import TensorRecord, ZipEntry
     from .index.source import Source
-    from .plan import StoragePlan
 
 
 class Backend(Protocol):
@@ -45,12 +43,6 @@ class Backend(Protocol):
 
     def read_into(self, source: Source, jobs: list[tuple[int, torch.Tensor]]) -> None:
         """Fill each contiguous host tensor with the file bytes starting at its offset."""
-        ...
-
-    def read_storages_to_device(
-        self, index: CheckpointIndex, plans: list[StoragePlan]
-    ) -> dict[str, torch.UntypedStorage]:
-        """Storages on accelerator devices, keyed by storage key."""
         ...
 
     def copy_ranges(self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, int, bool]]) -> list[int]:
@@ -126,21 +118,6 @@ class _SharedPaths:
 
     def fill_directly(self, source: Source, pairs: list[tuple[TensorRecord, torch.Tensor]]) -> list[bool]:
         return [False] * len(pairs)  # module_loading fills them one by one
-
-    def read_storages_to_device(
-        self, index: CheckpointIndex, plans: list[StoragePlan]
-    ) -> dict[str, torch.UntypedStorage]:
-        from torch.serialization import default_restore_location
-
-        from .execute.cpu import read_storages
-
-        # One storage at a time, so host memory holds one staged storage, not the checkpoint.
-        result = {}
-        for plan in plans:
-            key = plan.record.key
-            staged = read_storages(index, [plan.record], self)  # type: ignore[arg-type]
-            result[key] = default_restore_location(staged.pop(key), plan.location)
-        return result
 
 
 class PythonBackend(_SharedPaths):
@@ -283,17 +260,6 @@ class NativeBackend(_SharedPaths):
         self, source_fd: int, dest_fd: int, jobs: list[tuple[int, int, str, str, int]]
     ) -> list[int]:
         return list(self.module.cast_copy_ranges(source_fd, dest_fd, jobs, io_threads()))
-
-    def read_storages_to_device(
-        self, index: CheckpointIndex, plans: list[StoragePlan]
-    ) -> dict[str, torch.UntypedStorage]:
-        """CUDA storages through the pinned ring; anything else staged like the Python backend."""
-        from .execute.device import storages_through_ring
-
-        result, rest = storages_through_ring(index, plans)
-        if rest:
-            result.update(super().read_storages_to_device(index, rest))
-        return result
 
     def crc32_ranges(self, source: Source, ranges: list[tuple[int, int]]) -> list[int]:
         from .index.native_bridge import native_source

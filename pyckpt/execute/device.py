@@ -21,6 +21,7 @@ from ..index.records import METHOD_STORED, StorageRecord
 from ..index.source import FileSource, Source
 
 if TYPE_CHECKING:
+    from .._backend import Backend
     from ..plan import StoragePlan
 
 
@@ -87,6 +88,27 @@ def copy_pieces(
     if isinstance(source, FileSource):
         return ring.copy_to_device_fd(source.fd, source.size, pieces, config.as_dict(), str(device))
     return ring.copy_to_device_buffer(source.buffer(), pieces, config.as_dict(), str(device))
+
+
+def read_to_devices(
+    index: CheckpointIndex, plans: list[StoragePlan], backend: Backend
+) -> dict[str, torch.UntypedStorage]:
+    """Storages on accelerator devices: CUDA ones through the native pinned ring (native
+    backend), anything else staged one storage at a time through host memory, so host memory
+    holds one staged storage, not the checkpoint."""
+    from torch.serialization import default_restore_location
+
+    from .cpu import read_storages
+
+    result: dict[str, torch.UntypedStorage] = {}
+    rest = plans
+    if backend.name == "native":
+        result, rest = storages_through_ring(index, plans)
+    for plan in rest:
+        key = plan.record.key
+        staged = read_storages(index, [plan.record], backend)
+        result[key] = default_restore_location(staged.pop(key), plan.location)
+    return result
 
 
 def storages_through_ring(

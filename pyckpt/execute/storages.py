@@ -11,6 +11,7 @@ from ..errors import CheckpointError
 from ..index.checkpoint import CheckpointIndex
 from ..plan import HOW_MAP, HOW_META, HOW_READ, HOW_RESTORE, HOW_VIEW, StoragePlan
 from .cpu import read_storages
+from .device import read_to_devices
 
 if TYPE_CHECKING:
     from .._backend import Backend
@@ -38,7 +39,7 @@ def execute_plan(
     if cpu_targets:
         result.update(read_storages(index, [p.record for p in cpu_targets], backend))
     if device_targets:
-        result.update(backend.read_storages_to_device(index, device_targets))
+        result.update(read_to_devices(index, device_targets, backend))
 
     for plan in plans.values():
         record = plan.record
