@@ -160,3 +160,24 @@ def test_cuda_tensors_are_ready_on_the_current_stream(backend, tmp_path):
         doubled = loaded * 2  # runs on `side`, right after return, with no synchronize
     torch.cuda.synchronize()
     assert torch.equal(doubled.cpu(), big * 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bf16", None])
+def test_cuda_load_and_load_state_dict_cast(backend, tmp_path, dtype):
+    """An fp32 checkpoint into a bf16 CUDA model (cast through the pinned buffers), and
+    ``load(map_location="cuda", dtype=)`` against torch's own cast."""
+    source_net = factory.seeded_net(seed=1, width=512)
+    path = factory.save(source_net.state_dict(), tmp_path / "fp32.pt")
+    expected = factory.seeded_net(seed=2, width=512).to("cuda", torch.bfloat16)
+    expected.load_state_dict(source_net.state_dict())
+    model = factory.seeded_net(seed=2, width=512).to("cuda", torch.bfloat16)
+    pyckpt.load_state_dict(model, path)
+    for (key, a), b in zip(expected.state_dict().items(), model.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()), key
+    got = pyckpt.load(path, map_location="cuda", dtype=dtype)
+    for key, tensor in source_net.state_dict().items():
+        want = tensor.bfloat16() if dtype and tensor.is_floating_point() else tensor
+        assert got[key].device.type == "cuda" and got[key].dtype == want.dtype, key
+        assert torch.equal(got[key].cpu(), want), key
+
