@@ -41,7 +41,7 @@ struct CastReadJob {
   uint8_t* dest;    // count * format_bytes(to) bytes
 };
 
-// Read and cast in chunks (a few MiB of the source in a buffer per thread at a time), so a
+// Read and cast in chunks (64 Ki elements in a buffer per thread at a time), so a
 // cast never holds a second copy of a storage.
 void parallel_cast_read(const ByteSource& source, const std::vector<CastReadJob>& jobs, int threads);
 
