@@ -2,8 +2,10 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <system_error>
 
 #include "core/error.h"
 
@@ -50,6 +52,20 @@ void pread_exact(int fd, uint8_t* dest, uint64_t length, uint64_t offset) {
     dest += got;
     offset += static_cast<uint64_t>(got);
     length -= static_cast<uint64_t>(got);
+  }
+}
+
+void pwrite_all(int fd, const uint8_t* data, uint64_t length, uint64_t offset) {
+  while (length) {
+    const ssize_t wrote = ::pwrite(fd, data, static_cast<size_t>(std::min<uint64_t>(length, 1 << 30)),
+                                   static_cast<off_t>(offset));
+    if (wrote < 0) {
+      if (errno == EINTR) continue;
+      throw std::system_error(errno, std::generic_category(), "write failed");
+    }
+    data += wrote;
+    offset += static_cast<uint64_t>(wrote);
+    length -= static_cast<uint64_t>(wrote);
   }
 }
 

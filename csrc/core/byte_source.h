@@ -49,5 +49,7 @@ class MemorySource final : public ByteSource {
 
 // pread until `length` bytes arrive; a zero-byte read means the file shrank.
 void pread_exact(int fd, uint8_t* dest, uint64_t length, uint64_t offset);
+// pwrite until all `length` bytes are written; std::system_error (ENOSPC, EIO...) otherwise.
+void pwrite_all(int fd, const uint8_t* data, uint64_t length, uint64_t offset);
 
 }  // namespace pyckpt

@@ -19,20 +19,6 @@ namespace {
 
 constexpr uint64_t kBufferBytes = uint64_t{4} << 20;
 
-void pwrite_all(int fd, const uint8_t* data, uint64_t length, uint64_t offset) {
-  while (length) {
-    const ssize_t wrote = ::pwrite(fd, data, static_cast<size_t>(std::min<uint64_t>(length, 1 << 30)),
-                                   static_cast<off_t>(offset));
-    if (wrote < 0) {
-      if (errno == EINTR) continue;
-      throw std::system_error(errno, std::generic_category(), "write failed");
-    }
-    data += wrote;
-    offset += static_cast<uint64_t>(wrote);
-    length -= static_cast<uint64_t>(wrote);
-  }
-}
-
 // Kernel-side copy; returns false if this kernel/filesystem pair cannot do it.
 bool kernel_copy(int source_fd, int dest_fd, const CopyJob& job) {
   loff_t in = static_cast<loff_t>(job.source_offset);

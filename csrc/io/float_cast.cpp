@@ -255,20 +255,6 @@ struct CastScratch {
   std::vector<uint8_t> source, dest;
 };
 
-void pwrite_all(int fd, const uint8_t* data, uint64_t length, uint64_t offset) {
-  while (length) {
-    const ssize_t wrote = ::pwrite(fd, data, static_cast<size_t>(std::min<uint64_t>(length, 1 << 30)),
-                                   static_cast<off_t>(offset));
-    if (wrote < 0) {
-      if (errno == EINTR) continue;
-      throw std::system_error(errno, std::generic_category(), "write failed");
-    }
-    data += wrote;
-    offset += static_cast<uint64_t>(wrote);
-    length -= static_cast<uint64_t>(wrote);
-  }
-}
-
 }  // namespace
 
 void parallel_cast_read(const ByteSource& source, const std::vector<CastReadJob>& jobs, int threads) {
