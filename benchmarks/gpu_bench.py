@@ -8,7 +8,8 @@
 3. measures pinned and pageable host-to-device bandwidth with plain torch copies;
 4. generates (once, cached) a DataParallel checkpoint and warms the page cache;
 5. times pyckpt, torch and safetensors loading it to the GPU, each run in a fresh subprocess;
-6. checks every result against the checksums saved with the checkpoint.
+6. checks every result against the checksums saved with the checkpoint;
+7. profiles one more load (``gpu_overlap.py``): copies per stream, their overlap, the caller.
 
 The exit status is 1 when the build, a test or a check failed (the benchmark runs anyway).
 ``--dry-run`` runs every step with a tiny checkpoint, on the CPU where there is no CUDA.
@@ -516,6 +517,19 @@ def nvidia_smi() -> str:
         return f"nvidia-smi unavailable ({exc.__class__.__name__})"
 
 
+def profile_overlap(checkpoint: Checkpoint, trace: Path | None) -> bool:
+    script = Path(__file__).resolve().with_name("gpu_overlap.py")
+    command = [sys.executable, str(script), "--checkpoint-dir", str(checkpoint.directory)]
+    command += ["--trace", str(trace)] if trace else []
+    try:
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"PROFILE TIMED OUT after {CHILD_TIMEOUT_S} s")
+        return False
+    print((done.stdout + done.stderr).rstrip())
+    return done.returncode == 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -534,6 +548,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--skip-build", action="store_true", help="use the extension as it is")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the CUDA tests")
+    parser.add_argument("--trace", type=Path, help="where step 7 writes its chrome trace (default: the data dir)")
     parser.add_argument("--dry-run", action="store_true", help="tiny checkpoint; on the CPU where there is no CUDA")
     for flag, variable in RING_SETTINGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), type=int, help=f"sets {variable}")
@@ -658,6 +673,13 @@ def main() -> int:
     )
     for line in markdown_table(header[:-1] + ("check",), [row[:-1] + (row[-1].split(" (")[0],) for row in table]):
         print(line)
+
+    section("7. overlap of reads, copies and the caller")
+    if has_cuda:
+        if not profile_overlap(checkpoint, args.trace):
+            failures.append("overlap profile")
+    else:
+        print("skipped: no CUDA")
 
     print(
         f"\ntotal {time.perf_counter() - started:.0f} s; "

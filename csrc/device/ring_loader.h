@@ -29,10 +29,10 @@ struct DevicePiece {
 };
 
 struct RingConfig {
-  uint64_t buffer_bytes = uint64_t{64} << 20;
-  int buffers = 4;
+  uint64_t buffer_bytes = uint64_t{8} << 20;  // defaults as pyckpt/execute/device.py's, which always passes them
+  int buffers = 32;
   int streams = 2;
-  int readers = 2;
+  int readers = 16;
   uint64_t max_gap = uint64_t{64} << 10;  // file bytes worth reading to merge two pieces' spans
 };
 
