@@ -80,6 +80,13 @@ def test_dcp_load_reads_the_output(backend, tmp_path):
         if hasattr(entry, "size"):
             assert ours.state_dict_metadata[key].size == entry.size
             assert ours.state_dict_metadata[key].properties.dtype == entry.properties.dtype
+    assert ours.state_dict_metadata == theirs.state_dict_metadata  # properties, sizes, chunks: all of it
+    assert ours.storage_data.keys() == theirs.storage_data.keys()  # MetadataIndex: key and offset (torch orders them otherwise)
+    assert all(type(info).__name__ == "_StorageInfo" and info.relative_path == "__0_0.distcp" and info.length > 0
+               for info in ours.storage_data.values())
+    assert ours.version == theirs.version
+    assert type(ours.storage_meta) is type(theirs.storage_meta)
+    assert (ours.storage_meta.load_id, ours.storage_meta.modules) == (None, [])
     # and pyckpt reads it back as torch's own converter does
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -130,3 +137,49 @@ def test_command_line(backend, tmp_path):
     for key, tensor in expected["model"].items():  # DCP keeps no sharing: key by key
         assert_same({key: tensor}, {key: got["model"][key]})
     assert got["epoch"] == 3 and got["name"] == "run"
+
+
+def test_flattening_follows_torch_for_every_kind_of_nesting(backend, tmp_path):
+    """Lists are walked only when a tensor or a mapping is inside, tuples never, keys become
+    strings: the keys and planner paths of torch's own dcp.save, and dcp.load fills them."""
+    state = {
+        "ints": [1, 2],
+        "mixed": [torch.ones(2), 3],
+        "deep": [[1], [torch.zeros(2)]],
+        "tuple": ({"x": 1}, torch.ones(1)),
+        "empty": [],
+        "empty_nested": [[]],
+        "int_keys": {1: torch.full((2,), 7.0), 2: "two"},
+        "dicts_in_list": [{"k": 1}, {"t": torch.arange(3)}],
+        "scalar": 5,
+    }
+    src = factory.save(state, tmp_path / "src.pt")
+    pyckpt.convert(src, tmp_path / "out", format="dcp", strip_prefix=None)
+    dcp.save(torch.load(src, weights_only=True), checkpoint_id=str(tmp_path / "torch"))
+    ours, theirs = _metadata(tmp_path / "out"), _metadata(tmp_path / "torch")
+    assert ours.planner_data == theirs.planner_data
+    assert list(ours.state_dict_metadata) == list(theirs.state_dict_metadata)
+    assert ours.state_dict_metadata == theirs.state_dict_metadata
+    template = {"mixed": [torch.zeros(2), 0], "deep": [[0], [torch.ones(2)]], "int_keys": {"1": torch.zeros(2)},
+                "dicts_in_list": [{"k": 0}, {"t": torch.zeros(3, dtype=torch.int64)}]}
+    dcp.load(template, checkpoint_id=str(tmp_path / "out"))
+    assert torch.equal(template["mixed"][0], torch.ones(2)) and torch.equal(template["deep"][1][0], torch.zeros(2))
+    assert torch.equal(template["int_keys"]["1"], torch.full((2,), 7.0))
+    assert torch.equal(template["dicts_in_list"][1]["t"], torch.arange(3))
+
+
+def test_dcp_output_runs_without_importing_torch(backend, tmp_path):
+    """torch.distributed.checkpoint alone is about 250 MiB resident: the writer needs none of it."""
+    src = factory.save(_state(), tmp_path / "src.pt")
+    env = {**os.environ, **({"PYCKPT_DISABLE_EXT": "1"} if backend == "python" else {})}
+    script = (
+        "import sys, pyckpt; "
+        f"pyckpt.convert({str(src)!r}, {str(tmp_path / 'out')!r}, format='dcp'); "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    template = _zeros_like(_stripped(torch.load(src, weights_only=True)))
+    dcp.load(template, checkpoint_id=str(tmp_path / "out"))
+    assert torch.equal(template["extras"][0], torch.arange(3))

@@ -36,6 +36,11 @@ FROZENSET = symbol("builtins.frozenset")
 NEWOBJ_EX = symbol("copyreg.__newobj_ex__")
 GETATTR = symbol("builtins.getattr")
 
+class PairDict(list):  # type: ignore[type-arg]
+    """``(key, value)`` pairs written as a dict: for keys that hash slowly or not at all here
+    (opaque objects, which all of one class hash alike), and are hashed by whoever reads."""
+
+
 _pack_i32 = struct.Struct("<i").pack
 _pack_u32 = struct.Struct("<I").pack
 _pack_f64 = struct.Struct(">d").pack
@@ -95,6 +100,10 @@ class PickleWriter:
             self.out += b"}"
             self._memoize(obj)
             self._items(obj)
+        elif kind is PairDict:
+            self.out += b"}"
+            self._memoize(obj)
+            self._pairs(obj)
         elif kind is OrderedDict:
             self._call(ORDERED_DICT, ())
             self._memoize(obj)
@@ -228,7 +237,9 @@ class PickleWriter:
             self.out += opcode
 
     def _items(self, mapping: dict[Any, Any]) -> None:
-        pairs = list(mapping.items())
+        self._pairs(list(mapping.items()))
+
+    def _pairs(self, pairs: list[tuple[Any, Any]]) -> None:
         out, memo, save = self.out, self.memo, self.save
         for start in range(0, len(pairs), BATCH):
             out += b"("
