@@ -163,3 +163,26 @@ def test_command_line(backend, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pyckpt", "convert", src, str(tmp_path / "x"), "--max-shard-size",
                           "lots"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "shard size must be" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_a_failed_flush_fails_the_conversion_and_leaks_nothing(backend, tmp_path, monkeypatch):
+    """Shards are fsynced on a background thread while the next is written: an fsync error
+    there must still fail the conversion, leave nothing at DST and close every descriptor."""
+    src, _ = _source(tmp_path, width=16)
+    real_fsync = os.fsync
+    calls = []
+
+    def failing_second(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(sharded_writer.os, "fsync", failing_second)
+    with pytest.raises(OSError, match="Input/output error"):
+        pyckpt.convert(src, tmp_path / "out", max_shard_size=500)
+    monkeypatch.setattr(sharded_writer.os, "fsync", real_fsync)
+    assert len(calls) >= 2
+    assert sorted(os.listdir(tmp_path)) == ["src.pt"]
+    assert set(os.listdir("/proc/self/fd")) <= before

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,13 @@ def _groups(state_dict: dict[str, Any], safetensors: bool) -> list[tuple[list[st
     return groups
 
 
+def _flush_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_sharded(
     index: CheckpointIndex,
     state_dict: dict[str, Any],
@@ -101,31 +109,38 @@ def write_sharded(
     shards = pack_shards(_groups(state_dict, safetensors), limit)
     weight_map: dict[str, str] = {}
     total = WrittenFile(tensors_bytes=0, storages=0, file_bytes=0)
-    pending: list[int] = []  # written, not yet flushed: at most the last two shards
-    with AtomicDirectory(destination, overwrite=overwrite) as directory:
+    # Each shard is flushed on a thread of its own as soon as it is written, while the next
+    # is copied: the disk writes one back as the next fills the page cache, and no fsync
+    # holds up the copy. Every flush has finished before the directory gets its name.
+    flushes: list[tuple[int, Future[None]]] = []
+    with AtomicDirectory(destination, overwrite=overwrite) as directory, ThreadPoolExecutor(1) as flusher:
         try:
             for number, keys in enumerate(shards, start=1):
                 name = single if len(shards) == 1 else numbered.format(number, len(shards))
                 part = type(state_dict)((key, state_dict[key]) for key in keys)
-                pending.append(directory.create(name))
-                if safetensors:
-                    written = write_safetensors(index, part, metadata, pending[-1], backend, progress)
-                else:
-                    written = write_pt(index, part, pending[-1], name, backend, progress)
+                fd = directory.create(name)
+                try:
+                    if safetensors:
+                        written = write_safetensors(index, part, metadata, fd, backend, progress)
+                    else:
+                        written = write_pt(index, part, fd, name, backend, progress)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                flushes.append((fd, flusher.submit(_flush_and_close, fd)))
                 weight_map.update((key, name) for key in keys)
                 total.tensors_bytes += written.tensors_bytes
                 total.storages += written.storages
                 total.file_bytes += written.file_bytes
-                # The shard before this one is flushed only now: the kernel wrote it back while
-                # this one was copied, where an fsync right after it would have stopped the copy.
-                while len(pending) > 1:
-                    os.fsync(pending[0])
-                    os.close(pending.pop(0))
-            for fd in pending:
-                os.fsync(fd)
-        finally:
-            for fd in pending:
-                os.close(fd)
+        except BaseException:
+            for fd, flush in flushes:
+                if flush.cancel():  # never started: nothing will close it
+                    os.close(fd)
+                else:
+                    flush.exception()  # wait: the directory must not be removed under a flush
+            raise
+        for _, flush in flushes:
+            flush.result()  # an fsync that failed fails the conversion
         if len(shards) > 1:
             in_key_order = {key: weight_map[key] for key in state_dict}  # as a reader merges them
             document = {"metadata": {"total_size": total.tensors_bytes}, "weight_map": in_key_order}
