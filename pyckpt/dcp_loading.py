@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from ._backend import current_backend
-from ._device import MapLocation
-from .execute.direct import cpu_only
+from ._device import MapLocation, location_device, target_location
 from .errors import CheckpointError
 from .index.dcp_format import ChunkPlace, DcpTensor, read_dcp_metadata, set_element
 from .index.policy import policy_for
@@ -27,8 +26,7 @@ from .sinks.torch_values import torch_dtype
 
 def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str, target: DType | None = None) -> dict[str, Any]:
     """Every entry, tensors assembled from their chunks (each chunk cast to ``target`` as it is read)."""
-    if not cpu_only(map_location):
-        raise ValueError("a DCP checkpoint is loaded to CPU for now: pass map_location=None or 'cpu'")
+    device = _dcp_device(map_location)
     metadata = read_dcp_metadata(directory, current_backend())
     policy = policy_for(unknown_globals)
     result: dict[str, Any] = {}
@@ -37,7 +35,7 @@ def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str, ta
         for key, entry in metadata.entries.items():
             if isinstance(entry, DcpTensor):
                 dtype = target if casts(entry.dtype, target) else entry.dtype
-                value: Any = torch.empty(entry.size, dtype=torch_dtype(dtype))  # type: ignore[arg-type]
+                value: Any = torch.empty(entry.size, dtype=torch_dtype(dtype), device=device)  # type: ignore[arg-type]
                 for chunk in entry.chunks:
                     part = _load_chunk(chunk, files, policy, target)
                     if not isinstance(part, torch.Tensor) or part.dtype != value.dtype or tuple(part.shape) != chunk.sizes:
@@ -47,8 +45,8 @@ def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str, ta
                             key=key,
                         )
                     value[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))] = part
-            else:
-                value = _load_chunk(entry.place, files, policy, target)
+            else:  # a pickled value: its own torch file, with its own saved locations
+                value = _load_chunk(entry.place, files, policy, target, map_location)
             path = metadata.paths.get(key)
             if path is None:
                 result[key] = value
@@ -60,7 +58,22 @@ def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str, ta
     return result
 
 
-def _load_chunk(place: ChunkPlace, files: dict[str, int], policy: Any, target: DType | None) -> Any:
+def _dcp_device(map_location: MapLocation) -> torch.device:
+    """Where DCP's tensors go: their chunks count as saved on "cpu"."""
+    location = target_location(map_location, "cpu")
+    if location is None:
+        raise ValueError(
+            "a callable map_location is not supported for DCP directories: pass a device, a string or a dict"
+        )
+    device = location_device(location)
+    if device is None:
+        raise ValueError(f"map_location {map_location!r} names no device that DCP tensors can be assembled on")
+    return device
+
+
+def _load_chunk(
+    place: ChunkPlace, files: dict[str, int], policy: Any, target: DType | None, map_location: MapLocation = "cpu"
+) -> Any:
     from .loading import load_opened
 
     fd = files.get(place.file)
@@ -70,7 +83,8 @@ def _load_chunk(place: ChunkPlace, files: dict[str, int], policy: Any, target: D
     if len(data) != place.length:
         raise CheckpointError(f"file shrank while being read (chunk at offset {place.offset})", path=place.file)
     source = BufferSource(data, display=f"{place.file} (chunk at offset {place.offset})")
-    return load_opened(source, "cpu", mmap=False, policy=policy, target=target)  # assembled on CPU whatever it says
+    # Tensor chunks are read to the host and copied into place wherever the tensor is.
+    return load_opened(source, map_location, mmap=False, policy=policy, target=target)
 
 
 def _describe(value: Any) -> str:

@@ -90,10 +90,10 @@ def load_state_dict(
     backend = current_backend()
     targets = model.state_dict(keep_vars=True)
     staged_location = "cpu" if map_location is None else map_location
-    if is_dcp_directory(f):  # assembled from its chunks in host memory, then loaded as torch does
+    if is_dcp_directory(f):  # assembled from its chunks where map_location stages, then loaded as torch does
         from .dcp_loading import load_dcp
 
-        loaded = load_dcp(os.fspath(f), None, UNKNOWN_OPAQUE)  # type: ignore[arg-type]
+        loaded = load_dcp(os.fspath(f), map_location, UNKNOWN_OPAQUE)  # type: ignore[arg-type]
         found = find_state_dict(loaded, key)
         renamed = rename_state_dict(found, key_matcher(found, targets), module_map=module_matcher(model))
         return _load_into(model, renamed, strict=strict, assign=assign)

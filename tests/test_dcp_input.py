@@ -69,6 +69,53 @@ def test_renaming_and_load_state_dict(backend, tmp_path):
     assert_same(net.state_dict(), model.state_dict())
 
 
+def _same_placement(expected, got, where="root"):
+    """Trees alike, with tensors alike in device, dtype and shape (meta tensors hold no values)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor), where
+        assert (got.device, got.dtype, got.shape) == (expected.device, expected.dtype, expected.shape), where
+    elif isinstance(expected, dict):
+        assert list(got) == list(expected), where
+        for key in expected:
+            _same_placement(expected[key], got[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert type(got) is type(expected) and len(got) == len(expected), where
+        for position, (e, g) in enumerate(zip(expected, got)):
+            _same_placement(e, g, f"{where}[{position}]")
+    else:
+        assert got == expected, where
+
+
+def _tensors_in(tree):
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else []
+    return [tensor for item in items for tensor in _tensors_in(item)]
+
+
+@pytest.mark.parametrize("map_location", ["meta", torch.device("meta"), {"cpu": "meta"}, {"cuda:0": "meta"}])
+def test_map_location_sends_tensors_where_torch_load_would(backend, tmp_path, map_location):
+    """DCP's chunks count as saved on the CPU: each form of map_location places every tensor,
+    those inside pickled values too, where torch.load places them in dcp_to_torch_save's file."""
+    directory = _save(_training_state(), tmp_path / "ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_to_torch_save(directory, tmp_path / "reference.pt")
+    expected = torch.load(tmp_path / "reference.pt", weights_only=False, map_location=map_location)
+    got = pyckpt.load(directory, map_location=map_location)
+    _same_placement(expected, got)
+    placed = {tensor.device.type for tensor in _tensors_in(got)}
+    assert placed == {"cpu" if map_location == {"cuda:0": "meta"} else "meta"}  # and not vacuously: tensors exist
+
+
+def test_map_location_that_cannot_apply_is_refused(backend, tmp_path):
+    directory = _save({"w": torch.ones(2)}, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="callable map_location is not supported for DCP"):
+        pyckpt.load(directory, map_location=lambda storage, location: storage)
+    with pytest.raises(ValueError, match="names no device"):
+        pyckpt.load(directory, map_location="mps")
+
+
 RANK_SCRIPT = r"""
 import os, sys, warnings
 warnings.simplefilter("ignore")

@@ -138,6 +138,30 @@ def test_cuda_odd_sizes_straddle_ring_buffers(backend, tmp_path, monkeypatch):
 
 @needs_cuda
 @pytest.mark.cuda
+def test_cuda_dcp_directory(backend, tmp_path):
+    """A DCP directory loads to CUDA (assembled there chunk by chunk) and into a CUDA model."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    source = factory.seeded_net()
+    state = {k: v.detach().cpu().clone() for k, v in source.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"model": state, "step": 3}, checkpoint_id=str(tmp_path / "ckpt"))
+    got = pyckpt.load(tmp_path / "ckpt", map_location="cuda")
+    assert got["step"] == 3
+    for key, tensor in state.items():
+        assert got["model"][key].device.type == "cuda", key
+        assert_same({key: tensor}, {key: got["model"][key].cpu()})
+    target = factory.Net().cuda()
+    assert pyckpt.load_state_dict(target, tmp_path / "ckpt", key="model", map_location="cuda").missing_keys == []
+    for key, tensor in state.items():
+        assert torch.equal(target.state_dict()[key].cpu(), tensor), key
+
+
+@needs_cuda
+@pytest.mark.cuda
 def test_cuda_model_load_state_dict(backend, tmp_path):
     source = factory.seeded_net()
     path = factory.save(nn.DataParallel(source).state_dict(), tmp_path / "dp.pt")
