@@ -26,39 +26,89 @@ from .sinks.torch_values import torch_dtype
 
 def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str, target: DType | None = None) -> dict[str, Any]:
     """Every entry, tensors assembled from their chunks (each chunk cast to ``target`` as it is read)."""
-    device = _dcp_device(map_location)
-    metadata = read_dcp_metadata(directory, current_backend())
-    policy = policy_for(unknown_globals)
-    result: dict[str, Any] = {}
-    files: dict[str, int] = {}
-    try:
-        for key, entry in metadata.entries.items():
-            if isinstance(entry, DcpTensor):
-                dtype = target if casts(entry.dtype, target) else entry.dtype
-                value: Any = torch.empty(entry.size, dtype=torch_dtype(dtype), device=device)  # type: ignore[arg-type]
-                for chunk in entry.chunks:
-                    part = _load_chunk(chunk, files, policy, target)
-                    if not isinstance(part, torch.Tensor) or part.dtype != value.dtype or tuple(part.shape) != chunk.sizes:
-                        raise CheckpointError(
-                            f"chunk at {list(chunk.offsets)} holds {_describe(part)}, not a {value.dtype} tensor of "
-                            f"shape {list(chunk.sizes)}",
-                            key=key,
-                        )
-                    value[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))] = part
-            else:  # a pickled value: its own torch file, with its own saved locations
-                value = _load_chunk(entry.place, files, policy, target, map_location)
-            path = metadata.paths.get(key)
-            if path is None:
-                result[key] = value
-            else:
-                set_element(result, path, value)
-    finally:
-        for fd in files.values():
+    device = dcp_device(map_location)
+    with DcpSkeleton(directory, unknown_globals, map_location) as skeleton:
+        fills = []
+        for placeholder, entry, _ in skeleton.tensors.values():
+            dtype = target if casts(entry.dtype, target) else entry.dtype
+            value = torch.empty(entry.size, dtype=torch_dtype(dtype), device=device)  # type: ignore[arg-type]
+            fills.append((placeholder, value))
+        skeleton.fill(fills, target)
+        return skeleton.replaced({id(placeholder): value for placeholder, value in fills})
+
+
+class DcpSkeleton:
+    """A DCP directory's tree with each tensor as a meta tensor of its dtype and shape, and
+    every other value loaded (they are small): what a caller needs to choose where each
+    tensor goes (``load_state_dict`` fills the model's own parameters) before any tensor
+    byte is read. ``fill`` then reads the chosen tensors' chunks, and only theirs."""
+
+    def __init__(self, directory: str, unknown_globals: str, map_location: MapLocation = "cpu") -> None:
+        self.metadata = read_dcp_metadata(directory, current_backend())
+        self.policy = policy_for(unknown_globals)
+        self.files: dict[str, int] = {}
+        self.tensors: dict[int, tuple[torch.Tensor, DcpTensor, str]] = {}  # id(placeholder) -> it, entry, key
+        self.root: dict[str, Any] = {}
+        try:
+            for key, entry in self.metadata.entries.items():
+                if isinstance(entry, DcpTensor):
+                    value: Any = torch.empty(entry.size, dtype=torch_dtype(entry.dtype), device="meta")  # type: ignore[arg-type]
+                    self.tensors[id(value)] = (value, entry, key)
+                else:  # a pickled value: its own torch file, with its own saved locations
+                    value = _load_chunk(entry.place, self.files, self.policy, None, map_location)
+                path = self.metadata.paths.get(key)
+                if path is None:
+                    self.root[key] = value
+                else:
+                    set_element(self.root, path, value)
+        except BaseException:
+            self.close()
+            raise
+
+    def fill(self, fills: list[tuple[torch.Tensor, torch.Tensor]], target: DType | None = None) -> None:
+        """Assemble each placeholder's chunks into its destination, a tensor of its shape on
+        any device; ``copy_`` casts where the dtypes differ, as ``param.copy_`` would."""
+        for placeholder, destination in fills:
+            _, entry, key = self.tensors[id(placeholder)]
+            expected = torch_dtype(target if casts(entry.dtype, target) else entry.dtype)  # type: ignore[arg-type]
+            for chunk in entry.chunks:
+                part = _load_chunk(chunk, self.files, self.policy, target)
+                if not isinstance(part, torch.Tensor) or part.dtype != expected or tuple(part.shape) != chunk.sizes:
+                    raise CheckpointError(
+                        f"chunk at {list(chunk.offsets)} holds {_describe(part)}, not a {expected} tensor of "
+                        f"shape {list(chunk.sizes)}",
+                        key=key,
+                    )
+                with torch.no_grad():
+                    destination[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))] = part
+
+    def replaced(self, values: dict[int, Any]) -> dict[str, Any]:
+        """The tree with each placeholder (by id) replaced by its value."""
+
+        def swap(node: Any) -> Any:
+            if isinstance(node, torch.Tensor):
+                return values.get(id(node), node)
+            if isinstance(node, dict):
+                return {key: swap(item) for key, item in node.items()}
+            if isinstance(node, list):
+                return [swap(item) for item in node]
+            return node
+
+        return swap(self.root)
+
+    def close(self) -> None:
+        for fd in self.files.values():
             os.close(fd)
-    return result
+        self.files.clear()
+
+    def __enter__(self) -> DcpSkeleton:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
 
 
-def _dcp_device(map_location: MapLocation) -> torch.device:
+def dcp_device(map_location: MapLocation) -> torch.device:
     """Where DCP's tensors go: their chunks count as saved on "cpu"."""
     location = target_location(map_location, "cpu")
     if location is None:

@@ -69,6 +69,47 @@ def test_renaming_and_load_state_dict(backend, tmp_path):
     assert_same(net.state_dict(), model.state_dict())
 
 
+def test_load_state_dict_assembles_into_the_parameters_and_reads_only_the_state_dict(backend, tmp_path, monkeypatch):
+    net = factory.seeded_net(seed=4)
+    big = torch.randn(256, 256)
+    directory = _save({"model": nn.DataParallel(net).state_dict(), "optimizer": {"big": big}, "step": 2}, tmp_path / "ckpt")
+    from pyckpt import dcp_loading
+
+    read = []
+    real = dcp_loading._load_chunk
+
+    def counting(place, *args, **kwargs):
+        read.append(place.length)
+        return real(place, *args, **kwargs)
+
+    monkeypatch.setattr(dcp_loading, "_load_chunk", counting)
+    model = factory.seeded_net(seed=9)
+    pointers = {key: tensor.data_ptr() for key, tensor in model.state_dict().items()}
+    result = pyckpt.load_state_dict(model, directory, key="model")
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_same(net.state_dict(), model.state_dict())
+    assert {key: tensor.data_ptr() for key, tensor in model.state_dict().items()} == pointers  # filled in place
+    assert sum(read) < big.numel() * big.element_size()  # the optimizer's 256 KiB were never read
+    assert len(read) == len(net.state_dict()) + 1  # each model tensor's chunk, and "step"
+
+
+def test_load_state_dict_casts_into_another_dtype_and_assigns(backend, tmp_path):
+    net = factory.seeded_net(seed=5)
+    directory = _save({"model": nn.DataParallel(net).state_dict()}, tmp_path / "ckpt")
+    expected = factory.seeded_net(seed=0).to(torch.bfloat16)
+    expected.load_state_dict(net.state_dict())  # torch casts in param.copy_
+    model = factory.seeded_net(seed=9).to(torch.bfloat16)
+    pyckpt.load_state_dict(model, directory)
+    for key, tensor in expected.state_dict().items():
+        assert model.state_dict()[key].dtype == tensor.dtype and torch.equal(model.state_dict()[key], tensor), key
+    model = factory.seeded_net(seed=9)
+    pointers = {key: tensor.data_ptr() for key, tensor in model.state_dict().items()}
+    pyckpt.load_state_dict(model, directory, assign=True)
+    for key, tensor in net.state_dict().items():  # DCP keeps no sharing: the tied pair comes back apart
+        assert_same({key: tensor}, {key: model.state_dict()[key]})
+    assert all(model.state_dict()[key].data_ptr() != pointer for key, pointer in pointers.items())
+
+
 def _same_placement(expected, got, where="root"):
     """Trees alike, with tensors alike in device, dtype and shape (meta tensors hold no values)."""
     if isinstance(expected, torch.Tensor):
