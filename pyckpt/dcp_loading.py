@@ -8,6 +8,7 @@ read with the same restricted loader as any checkpoint, so nothing in it runs.
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Any
 
@@ -18,7 +19,9 @@ from ._device import MapLocation, location_device, target_location
 from .errors import CheckpointError
 from .index.dcp_format import ChunkPlace, DcpTensor, read_dcp_metadata, set_element
 from .index.policy import policy_for
-from .index.source import BufferSource
+from .index import index_source
+from .index.records import METHOD_STORED, TensorRecord
+from .index.source import BufferSource, FileSource
 from .index.symbols import DType
 from .float_cast import casts
 from .sinks.torch_values import torch_dtype
@@ -47,6 +50,7 @@ class DcpSkeleton:
         self.metadata = read_dcp_metadata(directory, current_backend())
         self.policy = policy_for(unknown_globals)
         self.files: dict[str, int] = {}
+        self.maps: dict[str, Any] = {}  # .distcp file -> a read-only mapping, to index chunks in place
         self.tensors: dict[int, tuple[torch.Tensor, DcpTensor, str]] = {}  # id(placeholder) -> it, entry, key
         self.root: dict[str, Any] = {}
         try:
@@ -67,7 +71,14 @@ class DcpSkeleton:
 
     def fill(self, fills: list[tuple[torch.Tensor, torch.Tensor]], target: DType | None = None) -> None:
         """Assemble each placeholder's chunks into its destination, a tensor of its shape on
-        any device; ``copy_`` casts where the dtypes differ, as ``param.copy_`` would."""
+        any device; ``copy_`` casts where the dtypes differ, as ``param.copy_`` would.
+
+        A whole-tensor chunk bound for a dense host tensor of its own dtype is read straight
+        from the ``.distcp`` file into it, with the parallel reads a torch file gets (its
+        storage found by indexing the chunk's small zip in place); the others are loaded and
+        copied into their slices one chunk at a time."""
+        if target is None:
+            fills = self._read_directly(fills)
         for placeholder, destination in fills:
             _, entry, key = self.tensors[id(placeholder)]
             expected = torch_dtype(target if casts(entry.dtype, target) else entry.dtype)  # type: ignore[arg-type]
@@ -81,6 +92,61 @@ class DcpSkeleton:
                     )
                 with torch.no_grad():
                     destination[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))] = part
+
+    def _read_directly(self, fills: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Read what can be read straight into its destination; return the rest."""
+        jobs: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        rest = []
+        for placeholder, destination in fills:
+            _, entry, _ = self.tensors[id(placeholder)]
+            offset = self._whole_chunk_offset(entry, destination)
+            if offset is None:
+                rest.append((placeholder, destination))
+            elif destination.numel():
+                jobs.setdefault(entry.chunks[0].file, []).append((offset, destination.reshape(-1).view(torch.uint8)))
+        for path, file_jobs in jobs.items():
+            source = FileSource(path)
+            try:
+                current_backend().read_into(source, file_jobs)
+            finally:
+                source.close()
+        return rest
+
+    def _whole_chunk_offset(self, entry: DcpTensor, destination: torch.Tensor) -> int | None:
+        """Where in its ``.distcp`` file the tensor's bytes lie, if one chunk holds all of them
+        raw and dense in the destination's dtype and the destination is dense host memory."""
+        if len(entry.chunks) != 1 or destination.device.type != "cpu" or not destination.is_contiguous():
+            return None
+        if destination.dtype != torch_dtype(entry.dtype) or tuple(destination.shape) != entry.size:
+            return None
+        place = entry.chunks[0]
+        record = self._chunk_root(place)
+        if not isinstance(record, TensorRecord) or record.size != entry.size or record.dtype != entry.dtype:
+            return None
+        storage = record.storage
+        if storage.method != METHOD_STORED or storage.byteswap or storage.view_of is not None or storage.pieces is not None:
+            return None
+        if list(record.stride) != _dense_strides(record.size):
+            return None
+        start = record.storage_offset * record.dtype.itemsize
+        if start + destination.numel() * record.dtype.itemsize > storage.nbytes:
+            return None
+        return place.offset + storage.data_offset + start
+
+    def _chunk_root(self, place: ChunkPlace) -> Any:
+        """The chunk's small torch zip indexed in place: only its directory and pickle are read."""
+        mapping = self.maps.get(place.file)
+        if mapping is None:
+            source = FileSource(place.file)
+            try:
+                mapping = mmap.mmap(source.fd, 0, access=mmap.ACCESS_READ) if source.size else b""
+            finally:
+                source.close()
+            self.maps[place.file] = mapping
+        chunk = BufferSource(memoryview(mapping)[place.offset : place.offset + place.length],
+                             display=f"{place.file} (chunk at offset {place.offset})")
+        with index_source(chunk, current_backend(), policy=self.policy) as chunk_index:
+            return chunk_index.root
 
     def replaced(self, values: dict[int, Any]) -> dict[str, Any]:
         """The tree with each placeholder (by id) replaced by its value."""
@@ -100,6 +166,10 @@ class DcpSkeleton:
         for fd in self.files.values():
             os.close(fd)
         self.files.clear()
+        for mapping in self.maps.values():
+            if isinstance(mapping, mmap.mmap):
+                mapping.close()
+        self.maps.clear()
 
     def __enter__(self) -> DcpSkeleton:
         return self
@@ -141,3 +211,11 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {list(value.shape)}"
     return f"a {type(value).__name__}"
+
+
+def _dense_strides(size: tuple[int, ...]) -> list[int]:
+    strides, step = [], 1
+    for extent in reversed(size):
+        strides.append(step)
+        step *= max(extent, 1)
+    return strides[::-1]

@@ -74,23 +74,32 @@ def test_load_state_dict_assembles_into_the_parameters_and_reads_only_the_state_
     big = torch.randn(256, 256)
     directory = _save({"model": nn.DataParallel(net).state_dict(), "optimizer": {"big": big}, "step": 2}, tmp_path / "ckpt")
     from pyckpt import dcp_loading
+    from pyckpt._backend import current_backend
+    from pyckpt.index.dcp_format import read_dcp_metadata
 
-    read = []
-    real = dcp_loading._load_chunk
+    touched = []  # every chunk loaded, or indexed to be read straight into its parameter
+    real_load, real_index = dcp_loading._load_chunk, dcp_loading.DcpSkeleton._chunk_root
 
-    def counting(place, *args, **kwargs):
-        read.append(place.length)
-        return real(place, *args, **kwargs)
+    def loading(place, *args, **kwargs):
+        touched.append(("loaded", place))
+        return real_load(place, *args, **kwargs)
 
-    monkeypatch.setattr(dcp_loading, "_load_chunk", counting)
+    def indexing(self, place):
+        touched.append(("read in place", place))
+        return real_index(self, place)
+
+    monkeypatch.setattr(dcp_loading, "_load_chunk", loading)
+    monkeypatch.setattr(dcp_loading.DcpSkeleton, "_chunk_root", indexing)
     model = factory.seeded_net(seed=9)
     pointers = {key: tensor.data_ptr() for key, tensor in model.state_dict().items()}
     result = pyckpt.load_state_dict(model, directory, key="model")
     assert not result.missing_keys and not result.unexpected_keys
     assert_same(net.state_dict(), model.state_dict())
     assert {key: tensor.data_ptr() for key, tensor in model.state_dict().items()} == pointers  # filled in place
-    assert sum(read) < big.numel() * big.element_size()  # the optimizer's 256 KiB were never read
-    assert len(read) == len(net.state_dict()) + 1  # each model tensor's chunk, and "step"
+    entries = read_dcp_metadata(directory, current_backend()).entries
+    model_places = {entries[f"model.module.{key}"].chunks[0] for key in net.state_dict()}
+    assert {place for how, place in touched if how == "read in place"} == model_places  # straight into the model
+    assert [place for how, place in touched if how == "loaded"] == [entries["step"].place]  # and the optimizer never
 
 
 def test_load_state_dict_casts_into_another_dtype_and_assigns(backend, tmp_path):
