@@ -13,12 +13,13 @@ import os
 from typing import Any
 
 import torch
+from torch import nn
 
 from ._backend import current_backend
 from ._device import MapLocation, location_device, target_location
 from .errors import CheckpointError
 from .index.dcp_format import ChunkPlace, DcpTensor, read_dcp_metadata, set_element
-from .index.policy import policy_for
+from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index import index_source
 from .index.records import METHOD_STORED, TensorRecord
 from .index.source import BufferSource, FileSource
@@ -38,6 +39,61 @@ def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str, ta
             fills.append((placeholder, value))
         skeleton.fill(fills, target)
         return skeleton.replaced({id(placeholder): value for placeholder, value in fills})
+
+
+def load_dcp_into(
+    model: nn.Module,
+    directory: str,
+    targets: dict[str, Any],
+    *,
+    key: str | None,
+    strict: bool,
+    assign: bool,
+    map_location: MapLocation,
+) -> Any:
+    """A DCP directory into ``model``: the state dict is found and renamed on a skeleton of
+    meta tensors, then each tensor's chunks are assembled straight into the parameter it
+    loads (``copy_`` casts across dtypes, as ``load_state_dict`` does), or where
+    ``map_location`` stages it when no parameter can take it. Only the state dict's chunks
+    are read, and no host copy of the model is made."""
+    # module_loading imports this module lazily, for DCP input only: no cycle at import time.
+    from .module_loading import _load_into, _owners_allowing_direct_fill, key_matcher, module_matcher
+    from .rename import find_state_dict, rename_state_dict
+
+    staged_device = dcp_device(map_location)
+    with DcpSkeleton(directory, UNKNOWN_OPAQUE, map_location) as skeleton:
+        found = find_state_dict(skeleton.root, key)
+        renamed = rename_state_dict(found, key_matcher(found, targets), module_map=module_matcher(model))
+        owners = _owners_allowing_direct_fill(model)  # modules that load their state as torch's do
+        fills: list[tuple[torch.Tensor, torch.Tensor]] = []
+        final = type(renamed)()
+        for name, value in renamed.items():
+            if not (isinstance(value, torch.Tensor) and id(value) in skeleton.tensors):
+                final[name] = value
+                continue
+            target = targets.get(name)
+            owner = name.rsplit(".", 1)[0] if "." in name else ""
+            in_place = not assign and owner in owners and _takes_in_place(target, value)
+            destination = target.detach() if in_place else torch.empty(value.shape, dtype=value.dtype, device=staged_device)
+            fills.append((value, destination))
+            final[name] = target if in_place else destination
+        skeleton.fill(fills)
+    metadata = getattr(renamed, "_metadata", None)
+    if metadata is not None:
+        final._metadata = metadata  # type: ignore[attr-defined]
+    return _load_into(model, final, strict=strict, assign=assign)
+
+
+def _takes_in_place(target: Any, placeholder: torch.Tensor) -> bool:
+    """A plain parameter or buffer the checkpoint tensor can be assembled into: same shape,
+    dense, not on meta. Chunks are copied into its slices with ``copy_``, which casts as the
+    ``param.copy_(input)`` of ``load_state_dict`` would."""
+    return (
+        type(target) in (torch.Tensor, nn.Parameter)
+        and target.shape == placeholder.shape
+        and target.layout == torch.strided
+        and target.device.type != "meta"
+    )
 
 
 class DcpSkeleton:

@@ -91,8 +91,10 @@ def load_state_dict(
     targets = model.state_dict(keep_vars=True)
     staged_location = "cpu" if map_location is None else map_location
     if is_dcp_directory(f):
-        return _load_dcp_into(model, os.fspath(f), targets, key=key, strict=strict, assign=assign,
-                              map_location=map_location)
+        from .dcp_loading import load_dcp_into
+
+        return load_dcp_into(model, os.fspath(f), targets, key=key, strict=strict, assign=assign,
+                             map_location=map_location)
     files = checkpoint_files(f)
     sharded = files if isinstance(files, ShardedCheckpoint) else None
     with ExitStack() as opened:
@@ -123,59 +125,6 @@ def load_state_dict(
     if metadata is not None:
         final._metadata = metadata  # type: ignore[attr-defined]
     return _load_into(model, final, strict=strict, assign=assign)
-
-
-def _load_dcp_into(
-    model: nn.Module,
-    directory: str,
-    targets: dict[str, Any],
-    *,
-    key: str | None,
-    strict: bool,
-    assign: bool,
-    map_location: MapLocation,
-) -> Any:
-    """A DCP directory into ``model``: the state dict is found and renamed on a skeleton of
-    meta tensors, then each tensor's chunks are assembled straight into the parameter it
-    loads (``copy_`` casts across dtypes, as ``load_state_dict`` does), or where
-    ``map_location`` stages it when no parameter can take it. Only the state dict's chunks
-    are read, and no host copy of the model is made."""
-    from .dcp_loading import DcpSkeleton, dcp_device
-
-    staged_device = dcp_device(map_location)
-    with DcpSkeleton(directory, UNKNOWN_OPAQUE, map_location) as skeleton:
-        found = find_state_dict(skeleton.root, key)
-        renamed = rename_state_dict(found, key_matcher(found, targets), module_map=module_matcher(model))
-        owners = _owners_allowing_direct_fill(model)  # modules that load their state as torch's do
-        fills: list[tuple[torch.Tensor, torch.Tensor]] = []
-        final = type(renamed)()
-        for name, value in renamed.items():
-            if not (isinstance(value, torch.Tensor) and id(value) in skeleton.tensors):
-                final[name] = value
-                continue
-            target = targets.get(name)
-            owner = name.rsplit(".", 1)[0] if "." in name else ""
-            in_place = not assign and owner in owners and _takes_in_place(target, value)
-            destination = target.detach() if in_place else torch.empty(value.shape, dtype=value.dtype, device=staged_device)
-            fills.append((value, destination))
-            final[name] = target if in_place else destination
-        skeleton.fill(fills)
-    metadata = getattr(renamed, "_metadata", None)
-    if metadata is not None:
-        final._metadata = metadata  # type: ignore[attr-defined]
-    return _load_into(model, final, strict=strict, assign=assign)
-
-
-def _takes_in_place(target: Any, placeholder: torch.Tensor) -> bool:
-    """A plain parameter or buffer the checkpoint tensor can be assembled into: same shape,
-    dense, not on meta. Chunks are copied into its slices with ``copy_``, which casts as the
-    ``param.copy_(input)`` of ``load_state_dict`` would."""
-    return (
-        type(target) in (torch.Tensor, nn.Parameter)
-        and target.shape == placeholder.shape
-        and target.layout == torch.strided
-        and target.device.type != "meta"
-    )
 
 
 def _found_state_dict(
