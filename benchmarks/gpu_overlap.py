@@ -41,7 +41,7 @@ def time_with_two_or_more(per_stream: dict[int, list[Interval]]) -> float:
     """Microseconds during which copies ran on at least two streams at once."""
     edges: list[tuple[float, int]] = []
     for intervals in per_stream.values():
-        for start, end in [(s, e) for s, e in _merged(intervals)]:
+        for start, end in _merged(intervals):
             edges += [(start, 1), (end, -1)]
     edges.sort()
     active, since, overlap = 0, 0.0, 0.0

@@ -18,13 +18,15 @@ from torch import nn
 from ._backend import current_backend
 from ._device import MapLocation, location_device, target_location
 from .errors import CheckpointError
-from .index.dcp_format import ChunkPlace, DcpTensor, read_dcp_metadata, set_element
+from .index.dcp_format import ChunkPlace, DcpTensor, chunk_source, read_dcp_metadata, set_element
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index import index_source
 from .index.records import METHOD_STORED, TensorRecord
 from .index.source import BufferSource, FileSource
 from .index.symbols import DType
 from .float_cast import casts
+from .module_loading import _fillable, _load_into, _owners_allowing_direct_fill, key_matcher, module_matcher
+from .rename import find_state_dict, rename_state_dict
 from .sinks.torch_values import torch_dtype
 
 
@@ -56,10 +58,6 @@ def load_dcp_into(
     loads (``copy_`` casts across dtypes, as ``load_state_dict`` does), or where
     ``map_location`` stages it when no parameter can take it. Only the state dict's chunks
     are read, and no host copy of the model is made."""
-    # module_loading imports this module lazily, for DCP input only: no cycle at import time.
-    from .module_loading import _load_into, _owners_allowing_direct_fill, key_matcher, module_matcher
-    from .rename import find_state_dict, rename_state_dict
-
     staged_device = dcp_device(map_location)
     with DcpSkeleton(directory, UNKNOWN_OPAQUE, map_location) as skeleton:
         found = find_state_dict(skeleton.root, key)
@@ -170,19 +168,20 @@ class DcpSkeleton:
 
     def _whole_chunk_offset(self, entry: DcpTensor, destination: torch.Tensor) -> int | None:
         """Where in its ``.distcp`` file the tensor's bytes lie, if one chunk holds all of them
-        raw and dense in the destination's dtype and the destination is dense host memory."""
-        if len(entry.chunks) != 1 or destination.device.type != "cpu" or not destination.is_contiguous():
+        and they can be read as they are into the destination, a host tensor: the test a torch
+        file's records pass to be read straight into a parameter (``_fillable``)."""
+        if len(entry.chunks) != 1 or destination.device.type != "cpu":
             return None
         if destination.dtype != torch_dtype(entry.dtype) or tuple(destination.shape) != entry.size:
-            return None
+            return None  # a cast or a reshape: not worth indexing the chunk to find out
         place = entry.chunks[0]
         record = self._chunk_root(place)
-        if not isinstance(record, TensorRecord) or record.size != entry.size or record.dtype != entry.dtype:
+        if not isinstance(record, TensorRecord) or (record.size, record.dtype) != (entry.size, entry.dtype):
+            return None
+        if not _fillable(record, destination):
             return None
         storage = record.storage
-        if storage.method != METHOD_STORED or storage.byteswap or storage.view_of is not None or storage.pieces is not None:
-            return None
-        if list(record.stride) != _dense_strides(record.size):
+        if storage.method != METHOD_STORED or storage.view_of is not None or storage.pieces is not None:
             return None
         start = record.storage_offset * record.dtype.itemsize
         if start + destination.numel() * record.dtype.itemsize > storage.nbytes:
@@ -199,9 +198,7 @@ class DcpSkeleton:
             finally:
                 source.close()
             self.maps[place.file] = mapping
-        chunk = BufferSource(memoryview(mapping)[place.offset : place.offset + place.length],
-                             display=f"{place.file} (chunk at offset {place.offset})")
-        with index_source(chunk, current_backend(), policy=self.policy) as chunk_index:
+        with index_source(chunk_source(mapping, place), current_backend(), policy=self.policy) as chunk_index:
             return chunk_index.root
 
     def replaced(self, values: dict[int, Any]) -> dict[str, Any]:
@@ -267,11 +264,3 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {list(value.shape)}"
     return f"a {type(value).__name__}"
-
-
-def _dense_strides(size: tuple[int, ...]) -> list[int]:
-    strides, step = [], 1
-    for extent in reversed(size):
-        strides.append(step)
-        step *= max(extent, 1)
-    return strides[::-1]

@@ -324,6 +324,14 @@ def _extend_to(items: list[Any], index: Any) -> None:
         items.append(None)
 
 
+def chunk_source(mapping: Any, place: ChunkPlace) -> Any:
+    """A chunk's small torch zip inside its mapped ``.distcp`` file, as a source to index in place."""
+    from .source import BufferSource
+
+    return BufferSource(memoryview(mapping)[place.offset : place.offset + place.length],
+                        display=f"{place.file} (chunk at offset {place.offset})")
+
+
 def index_dcp(directory: str, backend: Backend, policy: Any) -> Any:
     """The DCP checkpoint as one index (a :class:`CompositeIndex` over its ``.distcp`` files),
     for ``convert``, ``inspect`` and ``verify``: each chunk's small torch zip is indexed in
@@ -338,7 +346,7 @@ def index_dcp(directory: str, backend: Backend, policy: Any) -> Any:
     from .checkpoint import CheckpointIndex
     from .records import TensorRecord
     from .sharded import CompositeIndex
-    from .source import BufferSource, FileSource
+    from .source import FileSource
 
     metadata = read_dcp_metadata(directory, backend)
     files: dict[str, CheckpointIndex] = {}
@@ -357,9 +365,7 @@ def index_dcp(directory: str, backend: Backend, policy: Any) -> Any:
             source = FileSource(place.file)
             part = files[place.file] = CheckpointIndex(source=source, format="dcp", root=None, storages={})
             maps[place.file] = mmap.mmap(source.fd, 0, access=mmap.ACCESS_READ) if source.size else b""
-        chunk = BufferSource(memoryview(maps[place.file])[place.offset : place.offset + place.length],
-                             display=f"{place.file} (chunk at offset {place.offset})")
-        with index_source(chunk, backend, policy=policy) as chunk_index:
+        with index_source(chunk_source(maps[place.file], place), backend, policy=policy) as chunk_index:
             for storage in chunk_index.storages.values():
                 storage.data_offset += place.offset  # now an offset into the .distcp file
                 if whole:

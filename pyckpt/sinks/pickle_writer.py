@@ -36,6 +36,7 @@ FROZENSET = symbol("builtins.frozenset")
 NEWOBJ_EX = symbol("copyreg.__newobj_ex__")
 GETATTR = symbol("builtins.getattr")
 
+
 class PairDict(list):  # type: ignore[type-arg]
     """``(key, value)`` pairs written as a dict: for keys that hash slowly or not at all here
     (opaque objects, which all of one class hash alike), and are hashed by whoever reads."""
