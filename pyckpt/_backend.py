@@ -210,7 +210,10 @@ class NativeBackend(_SharedPaths):
         from .sinks.torch_values import torch_dtypes
 
         plain = [r for r in records if not r.metadata and r.storage.key in storages]
-        made = tensors.make_tensors(plain, storages, torch_dtypes())
+        try:
+            made = tensors.make_tensors(plain, storages, torch_dtypes())
+        except RuntimeError:  # torch refused one (requires_grad on integers...): the builder names it
+            return {}
         return {id(record): tensor for record, tensor in zip(plain, made)}
 
     def fill_directly(self, source: Source, pairs: list[tuple[TensorRecord, torch.Tensor]]) -> list[bool]:

@@ -242,3 +242,27 @@ def test_zip64_file_over_4_gib(backend, tmp_path):
     assert got["big"].numel() == 1_100_000_000
     assert got["big"][-3:].tolist() == [1.0, 1.0, 1.0]
     assert got["small"].tolist() == list(range(5))
+
+
+def test_requires_grad_on_an_integer_tensor_is_a_checkpoint_error(backend, tmp_path):
+    """torch refuses to make such a tensor (a RuntimeError in torch.load); the bulk tensor
+    maker must not let that escape: the per-record builder names the key instead."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"ints": torch.arange(4)}, buf)
+    source = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    path = tmp_path / "grad_ints.pt"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("data.pkl"):
+                assert data.count(b"\x89") == 1  # the tensor's requires_grad=False
+                data = data.replace(b"\x89", b"\x88")
+            out.writestr(info.filename, data)
+    with pytest.raises(RuntimeError, match="require gradients"):
+        torch.load(path, weights_only=True)
+    for mmap in (None, False, True):
+        with pytest.raises(pyckpt.CheckpointError, match="require gradients"):
+            pyckpt.load(path, mmap=mmap)
