@@ -18,16 +18,24 @@ from torch import nn
 from ._backend import current_backend
 from ._device import MapLocation, location_device, target_location
 from .errors import CheckpointError
+from .boxes import box_runs, intersect, is_dtensor, local_box, wrap_local
+from .dtensor_loading import readable_by_range
 from .index.dcp_format import ChunkPlace, DcpTensor, chunk_source, read_dcp_metadata, set_element
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index import index_source
-from .index.records import METHOD_STORED, TensorRecord
+from .index.records import TensorRecord
 from .index.source import BufferSource, FileSource
 from .index.symbols import DType
 from .float_cast import casts
-from .module_loading import _fillable, _load_into, _owners_allowing_direct_fill, key_matcher, module_matcher
+from .model_fill import owners_allowing_direct_fill
+from .module_loading import key_matcher, module_matcher
+from .sinks.model_driver import load_into_model
 from .rename import find_state_dict, rename_state_dict
 from .sinks.torch_values import torch_dtype
+
+
+# (placeholder, destination, start): the destination holds the box of its shape at ``start``
+Fill = tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]
 
 
 def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str, target: DType | None = None) -> dict[str, Any]:
@@ -38,9 +46,9 @@ def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str, ta
         for placeholder, entry, _ in skeleton.tensors.values():
             dtype = target if casts(entry.dtype, target) else entry.dtype
             value = torch.empty(entry.size, dtype=torch_dtype(dtype), device=device)  # type: ignore[arg-type]
-            fills.append((placeholder, value))
+            fills.append((placeholder, value, (0,) * value.dim()))
         skeleton.fill(fills, target)
-        return skeleton.replaced({id(placeholder): value for placeholder, value in fills})
+        return skeleton.replaced({id(placeholder): value for placeholder, value, _ in fills})
 
 
 def load_dcp_into(
@@ -62,8 +70,8 @@ def load_dcp_into(
     with DcpSkeleton(directory, UNKNOWN_OPAQUE, map_location) as skeleton:
         found = find_state_dict(skeleton.root, key)
         renamed = rename_state_dict(found, key_matcher(found, targets), module_map=module_matcher(model))
-        owners = _owners_allowing_direct_fill(model)  # modules that load their state as torch's do
-        fills: list[tuple[torch.Tensor, torch.Tensor]] = []
+        owners = owners_allowing_direct_fill(model)  # modules that load their state as torch's do
+        fills: list[Fill] = []
         final = type(renamed)()
         for name, value in renamed.items():
             if not (isinstance(value, torch.Tensor) and id(value) in skeleton.tensors):
@@ -71,15 +79,22 @@ def load_dcp_into(
                 continue
             target = targets.get(name)
             owner = name.rsplit(".", 1)[0] if "." in name else ""
-            in_place = not assign and owner in owners and _takes_in_place(target, value)
+            in_place = not assign and owner in owners
+            if is_dtensor(target) and tuple(target.shape) == tuple(value.shape):  # this rank's box only
+                box = local_box(target, name)
+                local = box.local if in_place else torch.empty(box.shape, dtype=value.dtype, device=box.local.device)
+                fills.append((value, local, box.start))
+                final[name] = target if in_place else wrap_local(target, local)
+                continue
+            in_place = in_place and _takes_in_place(target, value)
             destination = target.detach() if in_place else torch.empty(value.shape, dtype=value.dtype, device=staged_device)
-            fills.append((value, destination))
+            fills.append((value, destination, (0,) * value.dim()))
             final[name] = target if in_place else destination
         skeleton.fill(fills)
     metadata = getattr(renamed, "_metadata", None)
     if metadata is not None:
         final._metadata = metadata  # type: ignore[attr-defined]
-    return _load_into(model, final, strict=strict, assign=assign)
+    return load_into_model(model, final, strict=strict, assign=assign)
 
 
 def _takes_in_place(target: Any, placeholder: torch.Tensor) -> bool:
@@ -123,20 +138,28 @@ class DcpSkeleton:
             self.close()
             raise
 
-    def fill(self, fills: list[tuple[torch.Tensor, torch.Tensor]], target: DType | None = None) -> None:
-        """Assemble each placeholder's chunks into its destination, a tensor of its shape on
-        any device; ``copy_`` casts where the dtypes differ, as ``param.copy_`` would.
+    def fill(self, fills: list[Fill], target: DType | None = None) -> None:
+        """Assemble each placeholder's chunks into its destination, the box of the tensor of
+        the destination's shape at ``start`` (all of it, or a DTensor's local shard), on any
+        device; ``copy_`` casts where the dtypes differ, as ``param.copy_`` would. Only the
+        chunks that meet the box are read.
 
-        A whole-tensor chunk bound for a dense host tensor of its own dtype is read straight
-        from the ``.distcp`` file into it, with the parallel reads a torch file gets (its
-        storage found by indexing the chunk's small zip in place); the others are loaded and
-        copied into their slices one chunk at a time."""
-        if target is None:
-            fills = self._read_directly(fills)
-        for placeholder, destination in fills:
+        Where a chunk's bytes lie raw in its ``.distcp`` file and the destination is dense
+        host memory of their dtype, the part of the chunk inside the box is read straight
+        into place, run by run, with the parallel reads a torch file gets (the chunk's
+        storage found by indexing its small zip in place); other chunks are loaded whole and
+        their part copied, one chunk at a time."""
+        reads: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for placeholder, destination, start in fills:
             _, entry, key = self.tensors[id(placeholder)]
             expected = torch_dtype(target if casts(entry.dtype, target) else entry.dtype)  # type: ignore[arg-type]
             for chunk in entry.chunks:
+                common = intersect(chunk.offsets, chunk.sizes, start, tuple(destination.shape))
+                if common is None:
+                    continue
+                at, size = common
+                if target is None and self._plan_reads(chunk, entry, destination, start, at, size, reads):
+                    continue
                 part = _load_chunk(chunk, self.files, self.policy, target)
                 if not isinstance(part, torch.Tensor) or part.dtype != expected or tuple(part.shape) != chunk.sizes:
                     raise CheckpointError(
@@ -145,48 +168,45 @@ class DcpSkeleton:
                         key=key,
                     )
                 with torch.no_grad():
-                    destination[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))] = part
-
-    def _read_directly(self, fills: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Read what can be read straight into its destination; return the rest."""
-        jobs: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        rest = []
-        for placeholder, destination in fills:
-            _, entry, _ = self.tensors[id(placeholder)]
-            offset = self._whole_chunk_offset(entry, destination)
-            if offset is None:
-                rest.append((placeholder, destination))
-            elif destination.numel():
-                jobs.setdefault(entry.chunks[0].file, []).append((offset, destination.reshape(-1).view(torch.uint8)))
-        for path, file_jobs in jobs.items():
+                    destination[_slices(at, size, start)] = part[_slices(at, size, chunk.offsets)]
+        for path, jobs in reads.items():
             source = FileSource(path)
             try:
-                current_backend().read_into(source, file_jobs)
+                current_backend().read_into(source, jobs)
             finally:
                 source.close()
-        return rest
 
-    def _whole_chunk_offset(self, entry: DcpTensor, destination: torch.Tensor) -> int | None:
-        """Where in its ``.distcp`` file the tensor's bytes lie, if one chunk holds all of them
-        and they can be read as they are into the destination, a host tensor: the test a torch
-        file's records pass to be read straight into a parameter (``_fillable``)."""
-        if len(entry.chunks) != 1 or destination.device.type != "cpu":
-            return None
-        if destination.dtype != torch_dtype(entry.dtype) or tuple(destination.shape) != entry.size:
-            return None  # a cast or a reshape: not worth indexing the chunk to find out
-        place = entry.chunks[0]
-        record = self._chunk_root(place)
-        if not isinstance(record, TensorRecord) or (record.size, record.dtype) != (entry.size, entry.dtype):
-            return None
-        if not _fillable(record, destination):
-            return None
-        storage = record.storage
-        if storage.method != METHOD_STORED or storage.view_of is not None or storage.pieces is not None:
-            return None
-        start = record.storage_offset * record.dtype.itemsize
-        if start + destination.numel() * record.dtype.itemsize > storage.nbytes:
-            return None
-        return place.offset + storage.data_offset + start
+    def _plan_reads(
+        self, chunk: ChunkPlace, entry: DcpTensor, destination: torch.Tensor, start: tuple[int, ...],
+        at: tuple[int, ...], size: tuple[int, ...], reads: dict[str, list[tuple[int, torch.Tensor]]],
+    ) -> bool:
+        """Plan reading the chunk's part ``(at, size)`` straight into the destination, if its
+        bytes can be read as they are (else False)."""
+        if (
+            destination.device.type != "cpu"
+            or destination.dtype != torch_dtype(entry.dtype)
+            or destination.layout != torch.strided
+            or not destination.is_contiguous()
+            or destination.is_conj()
+            or destination.is_neg()
+        ):
+            return False
+        record = self._chunk_root(chunk)
+        if not isinstance(record, TensorRecord) or (record.size, record.dtype) != (chunk.sizes, entry.dtype):
+            return False
+        storage, width = record.storage, record.dtype.itemsize
+        if not readable_by_range(record) or (record.storage_offset + record.numel) * width > storage.nbytes:
+            return False
+        runs = box_runs(
+            size, chunk.sizes, tuple(a - o for a, o in zip(at, chunk.offsets)),
+            tuple(destination.shape), tuple(a - s for a, s in zip(at, start)),
+        )
+        base = chunk.offset + storage.data_offset + record.storage_offset * width
+        dest = destination.reshape(-1).view(torch.uint8)
+        jobs = reads.setdefault(chunk.file, [])
+        for source_at, dest_at in zip((runs.source * width).tolist(), (runs.dest * width).tolist()):
+            jobs.append((base + source_at, dest[dest_at : dest_at + runs.length * width]))
+        return True
 
     def _chunk_root(self, place: ChunkPlace) -> Any:
         """The chunk's small torch zip indexed in place: only its directory and pickle are read."""
@@ -258,6 +278,11 @@ def _load_chunk(
     source = BufferSource(data, display=f"{place.file} (chunk at offset {place.offset})")
     # Tensor chunks are read to the host and copied into place wherever the tensor is.
     return load_opened(source, map_location, mmap=False, policy=policy, target=target)
+
+
+def _slices(at: tuple[int, ...], size: tuple[int, ...], origin: tuple[int, ...]) -> tuple[slice, ...]:
+    """The box ``(at, size)`` as indices into a tensor whose element 0 is at ``origin``."""
+    return tuple(slice(a - o, a - o + s) for a, s, o in zip(at, size, origin))
 
 
 def _describe(value: Any) -> str:

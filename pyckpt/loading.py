@@ -14,6 +14,9 @@ from ._backend import current_backend
 from ._device import MapLocation, check_map_location
 from .errors import CheckpointError
 from .execute import execute_plan
+from .execute.cooperative import GroupLoad, check_process_group, fingerprint
+from .execute.device import ring_module
+from .execute.storages import plan_storage_fills
 from .execute.direct import NOTHING, cpu_only, load_direct
 from .casting import cast_tree
 from .float_cast import cast_target
@@ -44,6 +47,7 @@ def load(
     rename: RenameRules | None = None,
     unknown_globals: str = UNKNOWN_ERROR,
     dtype: Any = None,
+    process_group: Any = None,
 ) -> Any:
     """Load a checkpoint like ``torch.load(f, weights_only=True)``, without running pickle.
 
@@ -62,7 +66,22 @@ def load(
             ``torch.float32`` (or ``"bf16"``, ``"fp16"``, ``"fp32"``) while they are read, a
             chunk at a time; integer, bool, complex and quantized tensors are left as they are.
             Views and tied weights still share one storage.
+        process_group: a ``torch.distributed`` group whose ranks all load the same file (every
+            rank calls this): each reads about 1/N of its bytes and the ranks share them by
+            broadcast (gloo for host memory, NCCL for CUDA), into tensors of their own memory
+            (``mmap=True`` cannot be combined with it). A failure on any rank raises
+            ``CheckpointError`` on every rank. Single files only.
     """
+    group = check_process_group(process_group)
+    if group is not None:
+        if mmap:
+            raise ValueError("mmap=True cannot be combined with process_group: shared bytes need memory of their own")
+        if not weights_only:
+            raise ValueError("process_group cannot be combined with weights_only=False")
+        with GroupLoad(group, current_backend()) as session:
+            if not isinstance(f, (str, os.PathLike)) or not os.path.isfile(f):
+                raise ValueError("process_group is supported for a checkpoint file, given by its path")
+            return _load_on_group(f, map_location, session, strip_prefix, rename, unknown_globals, dtype)
     policy = policy_for(unknown_globals)
     target = None if dtype is None else cast_target(dtype)
     check_map_location(map_location)
@@ -126,6 +145,31 @@ def load_opened(
             storages = execute_plan(index, plans, map_location, backend, shared_mapping=shared_mapping)
             tensors = backend.make_tensors(index.tensor_records, storages) if target is None else None
             return build_objects(root, storages, tensors)
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+        except RecursionError:
+            raise CheckpointError("object tree nests too deeply", path=index.display) from None
+
+
+def _load_on_group(
+    f: FileArg, map_location: MapLocation, session: GroupLoad, strip_prefix: str | None, rename: RenameRules | None,
+    unknown_globals: str, dtype: Any,
+) -> Any:
+    """``load`` of one file, its storages read by the ranks of a process group together."""
+    policy = policy_for(unknown_globals)
+    target = None if dtype is None else cast_target(dtype)
+    check_map_location(map_location)
+    key_map = make_key_map(_check_strip_prefix(strip_prefix), _check_rules(rename))
+    backend = current_backend()
+    with index_opened(open_source(f), backend, policy=policy) as index:
+        try:
+            root = cast_tree(rename_tree(index.root, key_map), target)
+            plans = plan_storages(root, map_location, mmap=False, can_map=False)
+            on_cuda = any(plan.device is not None and plan.device.type == "cuda" for plan in plans.values())
+            ready, jobs = plan_storage_fills(plans, ring_module() if on_cuda and backend.name == "native" else None)
+            session.share([(index.source, fingerprint(index))], [jobs], ring=ring_module() if on_cuda else None)
+            storages = execute_plan(index, plans, map_location, backend, ready=ready)
+            return build_objects(root, storages)
         except CheckpointError as exc:
             raise exc.located(path=index.display)
         except RecursionError:

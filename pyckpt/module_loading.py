@@ -12,7 +12,6 @@ passed as the parameters themselves, which torch's copy skips.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from contextlib import ExitStack
 from collections.abc import Mapping
 from typing import Any
@@ -24,33 +23,21 @@ from ._collector import without_collector
 from ._backend import current_backend
 from ._device import MapLocation, check_map_location
 from .errors import CheckpointError
+from .boxes import is_dtensor
+from .dtensor_loading import dtensor_from_full
 from .execute import execute_plan
-from .execute.cast_fill import cast_into_device
-from .execute.cpu import CopyJob, run_copy_jobs
-from .execute.device import copy_pieces, ring_capable, ring_config, ring_module
+from .execute.cooperative import GroupLoad, check_process_group, fingerprint
 from .index import index_checkpoint
 from .index.checkpoint import CheckpointIndex
 from .index.dcp_format import is_dcp_directory
 from .index.policy import UNKNOWN_OPAQUE, policy_for
-from .float_cast import CAST_SOURCES, CAST_TARGETS
-from .index.records import METHOD_STORED, ParameterRecord, TensorRecord
 from .index.sharded import ShardedCheckpoint, checkpoint_files
 from .index.source import FileArg
-from .plan import check_view, plan_storages
+from .model_fill import plan_direct_fill
+from .plan import plan_storages
 from .rename import find_state_dict, rename_state_dict, strip_auto
+from .sinks.model_driver import load_into_model
 from .sinks.objects import build_objects
-from .sinks.torch_values import same_dtype
-
-
-# Modules whose own _load_from_state_dict only adds or adjusts bookkeeping entries and then
-# copies parameters like nn.Module does, so their parameters may be filled directly.
-_DIRECT_FILL_SAFE_LOADERS = {nn.Module._load_from_state_dict}
-try:
-    from torch.nn.modules.batchnorm import _NormBase
-
-    _DIRECT_FILL_SAFE_LOADERS.add(_NormBase._load_from_state_dict)
-except ImportError:  # pragma: no cover - torch layout change
-    pass
 
 
 @without_collector
@@ -62,6 +49,7 @@ def load_state_dict(
     map_location: MapLocation = None,
     key: str | None = None,
     assign: bool = False,
+    process_group: Any = None,
 ) -> Any:
     """Load a checkpoint into ``model`` like ``model.load_state_dict(torch.load(f))``.
 
@@ -70,6 +58,10 @@ def load_state_dict(
     training checkpoints or pickled modules (``torch.save(model)``), and tensors are written
     straight into the model's memory. The file is read in opaque mode: objects of classes
     beyond torch's allowlist around the state dict are never imported or run.
+
+    Parameters that are DTensors (FSDP2 ``fully_shard``, tensor parallel) get only this
+    rank's shard, read straight from the file: no rank holds a full tensor and no collective
+    runs. ``Shard(dim)`` and ``Replicate()`` placements are supported, ``Partial`` refused.
 
     Args:
         model: the module to fill.
@@ -80,6 +72,11 @@ def load_state_dict(
         key: the entry of a training checkpoint that holds the state dict (or the module).
         assign: as in ``nn.Module.load_state_dict``: the checkpoint's tensors replace the
             parameters (they keep the parameters' ``requires_grad``).
+        process_group: a ``torch.distributed`` group whose ranks all load the same file into
+            the same model (every rank calls this). Each rank then reads about 1/N of the
+            bytes that go straight into the model and the ranks share them by broadcast on
+            the group's backend (gloo for host memory, NCCL for CUDA). A failure on any rank
+            raises ``CheckpointError`` on every rank. None: each rank reads what it needs.
 
     Returns:
         torch's ``_IncompatibleKeys`` (``missing_keys``, ``unexpected_keys``).
@@ -87,10 +84,24 @@ def load_state_dict(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
     check_map_location(map_location)
+    group = check_process_group(process_group)
+    args = (model, f, strict, map_location, key, assign)
+    if group is None:
+        return _load_state_dict(*args, None)
+    with GroupLoad(group, current_backend()) as session:
+        return _load_state_dict(*args, session)
+
+
+def _load_state_dict(
+    model: nn.Module, f: FileArg, strict: bool, map_location: MapLocation, key: str | None, assign: bool,
+    session: GroupLoad | None,
+) -> Any:
     backend = current_backend()
     targets = model.state_dict(keep_vars=True)
     staged_location = "cpu" if map_location is None else map_location
     if is_dcp_directory(f):
+        if session is not None:
+            raise ValueError("process_group is not supported for DCP directories: each rank reads its own chunks")
         from .dcp_loading import load_dcp_into
 
         return load_dcp_into(model, os.fspath(f), targets, key=key, strict=strict, assign=assign,
@@ -108,14 +119,27 @@ def load_state_dict(
             state_dict = rename_state_dict(found, key_matcher(found, targets), module_map=module_matcher(model))
         except CheckpointError as exc:
             raise exc.located(path=indexes[0].display if sharded is None else sharded.index_path)
-        filled: dict[str, Any] = {}
+        parts = []
         for index in indexes:
             # This file's part of the (renamed) state dict: renaming keeps the key order.
             part = state_dict if sharded is None else type(state_dict)(
                 (new, value) for (new, value), owner in zip(state_dict.items(), owners) if owner is index
             )
             try:
-                filled.update(_fill_from(index, part, targets, model, backend, staged_location, assign))
+                direct = plan_direct_fill(index, part, targets, model, backend, assign=assign, for_group=session is not None)
+            except CheckpointError as exc:
+                raise exc.located(path=index.display)
+            parts.append((index, part, direct))
+        if session is not None:  # the ranks split the reads of what every rank holds alike
+            session.share([(index.source, fingerprint(index)) for index in indexes], [d.shared for _, _, d in parts],
+                          ring=next((d.ring for _, _, d in parts if d.ring is not None), None))
+        filled: dict[str, Any] = {}
+        for index, part, direct in parts:
+            try:
+                if session is None:
+                    direct.shared.run(index.source, backend, direct.ring)
+                direct.own.run(index.source, backend, direct.ring)
+                filled.update(_staged(index, part, direct.values, targets, backend, staged_location, assign))
             except CheckpointError as exc:
                 raise exc.located(path=index.display)
     final = type(state_dict)()
@@ -124,7 +148,7 @@ def load_state_dict(
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
         final._metadata = metadata  # type: ignore[attr-defined]
-    return _load_into(model, final, strict=strict, assign=assign)
+    return load_into_model(model, final, strict=strict, assign=assign)
 
 
 def _found_state_dict(
@@ -148,17 +172,16 @@ def _found_state_dict(
     return sharded.merge(parts), [by_shard[sharded.weight_map[name]] for name in sharded.weight_map]
 
 
-def _fill_from(
+def _staged(
     index: CheckpointIndex,
     state_dict: Any,
+    values: dict[str, Any],
     targets: dict[str, Any],
-    model: nn.Module,
     backend: Any,
     staged_location: MapLocation,
     assign: bool,
 ) -> dict[str, Any]:
-    """One file's entries: written straight into the model where they can be, else staged."""
-    values = _direct_fill(index, state_dict, targets, model, backend) if not assign else {}
+    """One file's entries: those filled directly (``values``), and the rest staged."""
     staged = {k: v for k, v in state_dict.items() if k not in values}
     # Staged tensors are read, not mapped: a file truncated under us must not SIGBUS the copy
     # into the model. With assign=True they become the parameters, so they are mapped like
@@ -166,75 +189,10 @@ def _fill_from(
     plans = plan_storages(staged, staged_location, mmap=None if assign else False, can_map=index.source.path is not None)
     storages = execute_plan(index, plans, staged_location, backend)
     built = build_objects(staged, storages)
+    for name in staged:  # DTensor targets whose bytes cannot be read by range: cut their box out
+        if is_dtensor(targets.get(name)) and isinstance(built[name], torch.Tensor):
+            built[name] = dtensor_from_full(name, built[name], targets[name])
     return {name: values[name] if name in values else built[name] for name in state_dict}
-
-
-def _load_into(model: nn.Module, state_dict: Any, *, strict: bool, assign: bool) -> Any:
-    """``model.load_state_dict(state_dict, strict=strict, assign=assign)``, in linear time.
-
-    torch's own driver gives each child module the entries of its parent's dict that start
-    with the child's prefix by scanning the whole parent dict: a ModuleList of 6,000 blocks
-    under a 50,000-key dict costs 300 million comparisons (a minute) before any byte moves.
-    This driver is torch's, step for step (every module's own ``_load_from_state_dict``, the
-    same local dicts in the same order, post hooks, strict handling, the same messages),
-    except that each parent's dict is split by child name in one pass. A model that
-    overrides ``load_state_dict`` gets its own.
-    """
-    if type(model).load_state_dict is not nn.Module.load_state_dict:
-        return model.load_state_dict(state_dict, strict=strict, assign=assign)
-    from torch.nn.modules.module import _IncompatibleKeys
-
-    missing_keys: list[str] = []
-    unexpected_keys: list[str] = []
-    error_msgs: list[str] = []
-    metadata = getattr(state_dict, "_metadata", None)
-    state_dict = OrderedDict(state_dict)
-    if metadata is not None:
-        state_dict._metadata = metadata  # type: ignore[attr-defined]
-
-    def load(module: nn.Module, local_state_dict: dict[str, Any], prefix: str = "") -> None:
-        local_metadata = {} if metadata is None else metadata.get(prefix[:-1], {})
-        if assign:
-            local_metadata["assign_to_params_buffers"] = assign
-        module._load_from_state_dict(
-            local_state_dict, prefix, local_metadata, True, missing_keys, unexpected_keys, error_msgs
-        )
-        children = module._modules
-        if children:
-            by_child: dict[str, dict[str, Any]] = {}
-            start = len(prefix)
-            for key, value in local_state_dict.items():
-                dot = key.find(".", start)
-                if dot > start and key.startswith(prefix):
-                    name = key[start:dot]
-                    if name in children:
-                        by_child.setdefault(name, {})[key] = value
-            for name, child in children.items():
-                if child is not None:
-                    load(child, by_child.get(name, {}), prefix + name + ".")
-        incompatible_keys = _IncompatibleKeys(missing_keys, unexpected_keys)
-        for hook in module._load_state_dict_post_hooks.values():
-            out = hook(module, incompatible_keys)
-            if out is not None:
-                raise AssertionError(
-                    "Hooks registered with ``register_load_state_dict_post_hook`` are not "
-                    "expected to return new values, if incompatible_keys need to be modified, "
-                    "it should be done inplace."
-                )
-
-    load(model, state_dict)
-    if strict:
-        if unexpected_keys:
-            error_msgs.insert(
-                0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected_keys))
-            )
-        if missing_keys:
-            error_msgs.insert(0, "Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing_keys)))
-    if error_msgs:
-        raise RuntimeError(
-            "Error(s) in loading state_dict for {}:\n\t{}".format(model.__class__.__name__, "\n\t".join(error_msgs))
-        )
-    return _IncompatibleKeys(missing_keys, unexpected_keys)
 
 
 def key_matcher(state_dict: Mapping[str, Any], targets: Mapping[str, Any]):  # type: ignore[no-untyped-def]
@@ -270,135 +228,3 @@ def module_matcher(model: nn.Module):  # type: ignore[no-untyped-def]
 
 def _canonical_module(path: str) -> str:
     return strip_auto(path + ".")[:-1] if path else ""
-
-
-def _direct_fill(
-    index: CheckpointIndex,
-    state_dict: Mapping[str, Any],
-    targets: Mapping[str, Any],
-    model: nn.Module,
-    backend: Any,
-) -> dict[str, torch.Tensor]:
-    """Write checkpoint bytes straight into matching parameters; returns what was filled.
-
-    Host memory is filled by (parallel) reads or inflation; CUDA memory through the native
-    pinned ring, for raw stored records. Everything else is left to the staged path.
-    """
-    owners = _owners_allowing_direct_fill(model)
-    on_cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in targets.values())
-    ring = ring_module() if on_cuda and backend.name == "native" else None
-    host_jobs: list[CopyJob] = []
-    cast_jobs: dict[torch.device, list[Any]] = {}  # checkpoint elements cast into another dtype
-    device_pieces: dict[torch.device, list[tuple[int, int, torch.Tensor, int]]] = {}
-    filled: dict[str, torch.Tensor] = {}
-    scheduled: set[tuple[Any, ...]] = set()
-    candidates = []
-    for name, value in state_dict.items():
-        target = targets.get(name)
-        record = value.data if isinstance(value, ParameterRecord) else value
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        if type(record) is TensorRecord and owner in owners and type(target) in (torch.Tensor, nn.Parameter):
-            candidates.append((name, record, target))
-    # Host targets of raw stored records: checked and read in one native call (the rest, or
-    # all of them without the native extension, one by one below).
-    on_host = [target.device.type == "cpu" for _, _, target in candidates]
-    bulk = [(record, target) for (_, record, target), host in zip(candidates, on_host) if host]
-    done = iter(backend.fill_directly(index.source, bulk) if bulk else ())
-    for (name, record, target), host in zip(candidates, on_host):
-        if host and next(done):
-            filled[name] = target
-            continue
-        if _cast_fillable(record, target):
-            check_view(record, name)
-            filled[name] = target
-            signature = (target.data_ptr(), target.device, record.storage.key, record.storage_offset)
-            if signature not in scheduled:
-                scheduled.add(signature)
-                width = record.dtype.itemsize
-                dest = target.detach().reshape(-1).view(torch.uint8)
-                job = (record.storage.data_offset + record.storage_offset * width, record.numel,
-                       record.dtype.name, str(target.dtype).removeprefix("torch."), dest)
-                cast_jobs.setdefault(target.device, []).append(job)
-            continue
-        if not _fillable(record, target):
-            continue
-        on_host = target.device.type == "cpu"
-        if not on_host and not (ring is not None and target.device.type == "cuda" and ring_capable(record.storage)):
-            continue
-        check_view(record, name)
-        start = record.storage_offset * record.dtype.itemsize
-        filled[name] = target
-        # Tied weights: one parameter under several keys, fed from one storage range.
-        signature = (target.data_ptr(), target.device, record.storage.key, start)
-        if signature in scheduled:
-            continue
-        scheduled.add(signature)
-        dest = target.detach().reshape(-1).view(torch.uint8)
-        if on_host:
-            host_jobs.append(CopyJob(record.storage, start, dest))
-        else:
-            piece = (record.storage.data_offset + start, dest.numel(), dest, 0)
-            device_pieces.setdefault(target.device, []).append(piece)
-    with torch.no_grad():
-        run_copy_jobs(index.source, host_jobs, backend)
-        for device, jobs in cast_jobs.items():
-            if device.type == "cpu":
-                backend.cast_into(index.source, jobs)
-            else:
-                cast_into_device(index.source, jobs, device, backend)
-        for device, pieces in device_pieces.items():
-            with torch.cuda.device(device):
-                copy_pieces(ring, index.source, pieces, device, ring_config())
-    return filled
-
-
-def _cast_fillable(record: TensorRecord, target: Any) -> bool:
-    """A floating-point record stored raw, into a parameter of another floating-point dtype
-    (on the host, or on CUDA): cast on the way, as ``param.copy_`` would cast."""
-    return (
-        isinstance(target, torch.Tensor)
-        and (target.device.type == "cpu" or target.device.type == "cuda")
-        and record.dtype.name in CAST_SOURCES
-        and str(target.dtype).removeprefix("torch.") in CAST_TARGETS
-        and not same_dtype(record.dtype, target.dtype)
-        and _same_layout(record, target)
-        and record.storage.method == METHOD_STORED
-    )
-
-
-def _fillable(record: TensorRecord, target: Any) -> bool:
-    return isinstance(target, torch.Tensor) and same_dtype(record.dtype, target.dtype) and _same_layout(record, target)
-
-
-def _same_layout(record: TensorRecord, target: torch.Tensor) -> bool:
-    """Both dense, contiguous, of one shape, with nothing to resolve on either side."""
-    return (
-        not nn.parameter.is_lazy(target)
-        and type(target) in (torch.Tensor, nn.Parameter)
-        and target.layout == torch.strided
-        and not target.is_quantized
-        and tuple(target.shape) == record.size
-        and target.is_contiguous()
-        and record.is_contiguous()
-        and not record.metadata
-        and not record.storage.byteswap
-        and not target.is_conj()
-        and not target.is_neg()
-    )
-
-
-def _owners_allowing_direct_fill(model: nn.Module) -> set[str]:
-    """Module paths whose parameters may be written directly (default loading, no pre-hooks)."""
-    allowed: set[str] = set()
-    blocked_prefixes: list[str] = []
-    for path, module in model.named_modules(remove_duplicate=False):
-        if getattr(module, "_load_state_dict_pre_hooks", None):
-            blocked_prefixes.append(path)
-        if type(module)._load_from_state_dict not in _DIRECT_FILL_SAFE_LOADERS:
-            continue
-        allowed.add(path)
-    return {
-        path
-        for path in allowed
-        if not any(path == p or path.startswith(p + ".") or p == "" for p in blocked_prefixes)
-    }

@@ -10,8 +10,10 @@ from .._device import MapLocation
 from ..errors import CheckpointError
 from ..index.checkpoint import CheckpointIndex
 from ..plan import HOW_MAP, HOW_META, HOW_READ, HOW_RESTORE, HOW_VIEW, StoragePlan
-from .cpu import read_storages
-from .device import read_to_devices
+from ..index.records import METHOD_STORED
+from .cpu import CopyJob, allocate_bytes, read_storages
+from .device import read_to_devices, ring_capable
+from .fill_jobs import FillJobs
 
 if TYPE_CHECKING:
     from .._backend import Backend
@@ -24,9 +26,12 @@ def execute_plan(
     backend: Backend,
     *,
     shared_mapping: bool = False,
+    ready: dict[str, torch.UntypedStorage] | None = None,
 ) -> dict[str, torch.UntypedStorage]:
-    """Storages by key; ``shared_mapping`` maps the file MAP_SHARED (writes reach it)."""
-    result: dict[str, torch.UntypedStorage] = {}
+    """Storages by key; ``shared_mapping`` maps the file MAP_SHARED (writes reach it);
+    ``ready``: storages already filled (by a process group), taken as they are."""
+    result: dict[str, torch.UntypedStorage] = dict(ready or {})
+    plans = {key: plan for key, plan in plans.items() if key not in result}
     mapped = [p.record for p in plans.values() if p.how == HOW_MAP]
     if mapped:
         mapping = backend.map_file(index.source, shared=shared_mapping)
@@ -77,3 +82,34 @@ def _restore(storage: torch.UntypedStorage, plan: StoragePlan, map_location: Map
     if not isinstance(restored, torch.UntypedStorage):
         raise TypeError(f"map_location returned {type(restored).__name__}, not a storage")
     return restored
+
+
+def plan_storage_fills(plans: dict[str, StoragePlan], ring: Any) -> tuple[dict[str, torch.UntypedStorage], FillJobs]:
+    """Fresh storages for the plans read into host or CUDA memory, and the jobs that fill
+    them (for a process group to share out); the other plans are left to ``execute_plan``."""
+    ready: dict[str, torch.UntypedStorage] = {}
+    jobs = FillJobs()
+    for key, plan in plans.items():
+        record, device = plan.record, plan.device
+        if plan.how != HOW_READ or record.byteswap or record.pieces is not None or record.view_of is not None:
+            continue
+        original = record.cast_from
+        if device is None or device.type == "cpu":
+            dest = allocate_bytes(record.nbytes, record)
+            if original is None:
+                jobs.host.append(CopyJob(record, 0, dest))
+            elif original.record.method == METHOD_STORED and not original.record.byteswap:
+                count = original.record.nbytes // original.dtype.itemsize
+                jobs.add_cast(dest.device, (original.record.data_offset, count, original.dtype.name, record.dtype.name, dest))
+            else:
+                continue
+        elif device.type == "cuda" and ring is not None and ring_capable(record):
+            from torch.serialization import validate_cuda_device  # torch's own error when CUDA is absent
+
+            device = torch.device("cuda", validate_cuda_device(plan.location))
+            dest = torch.empty(record.nbytes, dtype=torch.uint8, device=device)
+            jobs.add_device(device, (record.data_offset, record.nbytes, dest, 0))
+        else:
+            continue
+        ready[key] = dest.untyped_storage()
+    return ready, jobs

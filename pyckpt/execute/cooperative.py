@@ -1,0 +1,343 @@
+"""Loading on a process group: each rank reads about 1/N of the bytes, and the ranks share
+them with broadcasts on the group's own backend (gloo for host memory, NCCL for CUDA).
+
+The fill jobs of a load are cut into regions of destination memory (at most one chunk
+each) and the regions into N contiguous runs of about equal bytes, one per rank, so each
+rank reads one stretch of the file in order. A reader thread per rank fills its own
+regions while the main thread broadcasts, region by region in file order, so reading,
+host-to-device copies and communication overlap. A region that is a whole chunk goes out
+of and into the parameters' own memory; small ones travel packed in a staging buffer, of
+which at most ``PYCKPT_GROUP_INFLIGHT`` (default 4) of ``PYCKPT_GROUP_CHUNK_MB`` MiB
+(default 32) are alive per rank.
+
+Failure never leaves a rank waiting in a collective: every rank makes the same calls in
+the same order whatever happens. The ranks first agree on the files (sizes and the CRCs
+in their indexes) and on the plan; a rank that failed before that reports it there. A
+read that fails during the exchange is remembered and the exchange goes on (with bytes
+nobody will use); after it the ranks compare outcomes again, and all of them raise.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._env import env_positive
+from ..errors import CheckpointError
+from ..index.checkpoint import CheckpointIndex
+from ..index.records import METHOD_DEFLATE
+from ..index.source import Source
+from .cpu import CopyJob
+from .fill_jobs import FillJobs
+
+if TYPE_CHECKING:
+    from .._backend import Backend
+
+
+def group_chunk_bytes() -> int:
+    return env_positive("PYCKPT_GROUP_CHUNK_MB", 32) << 20
+
+
+def group_inflight() -> int:
+    return env_positive("PYCKPT_GROUP_INFLIGHT", 4)
+
+
+def check_process_group(process_group: Any) -> Any:
+    """The group to load on, or None; torch.distributed is imported only when one is given."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given, but torch.distributed is not initialised")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup, not {type(process_group).__name__}")
+    return process_group
+
+
+def fingerprint(index: CheckpointIndex) -> tuple[int, int]:
+    """What must match across ranks: the file's size, and a CRC over its index (each record's
+    place, size and CRC-32)."""
+    digest = 0
+    for key in sorted(index.storages):
+        record = index.storages[key]
+        line = f"{key}:{record.data_offset}:{record.nbytes}:{record.stored_size}:{record.crc32}\n"
+        digest = zlib.crc32(line.encode(), digest)
+    return index.source.size, digest
+
+
+@dataclass
+class _Region:
+    source: int  # which of the move's sources the job reads
+    kind: str  # "host", "cast" or "device"
+    job: Any
+    dest: torch.Tensor  # the contiguous bytes the job fills
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.dest.numel())
+
+    @property
+    def file_offset(self) -> int:
+        """Where the job starts reading (in the record's bytes, for a deflate record)."""
+        if self.kind == "host":
+            return self.job.record.data_offset + self.job.start
+        return self.job[1][0]
+
+
+@dataclass
+class _Batch:
+    owner: int
+    regions: list[_Region]
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(region.nbytes for region in self.regions)
+
+
+class GroupLoad:
+    """One load on a process group; use as a context manager around the whole load, so a
+    rank that fails anywhere still takes its part in the agreement."""
+
+    def __init__(self, group: Any, backend: Backend) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.backend = backend
+        self.ring: Any = None
+        self.settled = False  # every rank knows the outcome: no more collectives
+        self.read_error: str | None = None
+        self.bytes_read = 0  # destination bytes this rank filled itself
+
+    def __enter__(self) -> GroupLoad:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if self.settled:
+            return False
+        self.settled = True
+        status = _describe(exc) if exc is not None else self.read_error
+        outcomes = self._gather((status, None))
+        failures = [(rank, error) for rank, (error, _) in enumerate(outcomes) if error is not None]
+        if exc is not None or not failures:
+            return False
+        raise _group_failure(failures)
+
+    def share(self, files: list[tuple[Source, tuple[int, int]]], jobs: list[FillJobs], ring: Any = None) -> None:
+        """Agree on the files and the plan, then fill every job's memory on every rank, each
+        rank reading its share. ``files`` pairs each source with its ``fingerprint``; ``ring``:
+        the native CUDA ring, for jobs into device memory."""
+        self.ring = ring
+        regions = [region for at, file_jobs in enumerate(jobs) for region in _regions(at, file_jobs)]
+        plan = _plan_digest(regions)
+        outcomes = self._gather((None, ([print_ for _, print_ in files], plan)))
+        self.settled = True  # whatever follows, every rank reaches the same verdict here
+        failures = [(rank, error) for rank, (error, _) in enumerate(outcomes) if error is not None]
+        if failures:
+            raise _group_failure(failures)
+        _check_same([facts for _, facts in outcomes], [source.display for source, _ in files])
+        self.settled = False  # the exchange and the final agreement follow on every rank
+        self._exchange([source for source, _ in files], regions)
+
+    def _gather(self, value: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        self.dist.all_gather_object(out, value, group=self.group)
+        return out
+
+    def _exchange(self, sources: list[Source], regions: list[_Region]) -> None:
+        batches = _batches(regions, self.world, group_chunk_bytes())
+        mine = [batch for batch in batches if batch.owner == self.rank]
+        self.bytes_read = sum(batch.nbytes for batch in mine)
+        reader = threading.Thread(target=self._read, args=(sources, mine), name="pyckpt-group-reader", daemon=True)
+        reader.start()
+        pending: list[tuple[Any, _Batch, torch.Tensor | None]] = []
+        try:
+            for batch in batches:
+                if batch.owner == self.rank:
+                    batch.ready.wait()
+                buffer = self._outgoing(batch)
+                tensor = buffer if buffer is not None else batch.regions[0].dest
+                source_rank = self.dist.get_global_rank(self.group, batch.owner) if self.group is not None else batch.owner
+                work = self.dist.broadcast(tensor, src=source_rank, group=self.group, async_op=True)
+                pending.append((work, batch, buffer))
+                while len(pending) > group_inflight():
+                    self._finish(*pending.pop(0))
+            while pending:
+                self._finish(*pending.pop(0))
+        finally:
+            reader.join()
+
+    def _outgoing(self, batch: _Batch) -> torch.Tensor | None:
+        """The staging buffer a packed batch travels in (None: its one region goes as it is)."""
+        if len(batch.regions) == 1:
+            return None
+        if batch.owner == self.rank:
+            return torch.cat([region.dest for region in batch.regions])
+        return torch.empty(batch.nbytes, dtype=torch.uint8, device=batch.regions[0].dest.device)
+
+    def _finish(self, work: Any, batch: _Batch, buffer: torch.Tensor | None) -> None:
+        work.wait()
+        if buffer is None or batch.owner == self.rank:
+            return
+        at = 0
+        with torch.no_grad():
+            for region in batch.regions:
+                region.dest.copy_(buffer[at : at + region.nbytes])
+                at += region.nbytes
+
+    def _read(self, sources: list[Source], batches: list[_Batch]) -> None:
+        """This rank's share, in file order; an error is kept for the final agreement and the
+        remaining batches are released unread, so the exchange runs to its end."""
+        for batch in batches:
+            if self.read_error is None:
+                try:
+                    _run(batch.regions, sources, self.backend, self.ring)
+                except BaseException as exc:  # noqa: BLE001 - reported to every rank
+                    self.read_error = _describe(exc)
+            batch.ready.set()
+
+
+def _regions(source: int, jobs: FillJobs) -> list[_Region]:
+    """Every job as the region of destination memory it fills."""
+    regions = [_Region(source, "host", job, job.dest) for job in jobs.host]
+    for device, cast_jobs in jobs.cast.items():
+        regions += [_Region(source, "cast", (device, job), job[4]) for job in cast_jobs]
+    for device, pieces in jobs.device.items():
+        regions += [_Region(source, "device", (device, piece), piece[2][piece[3] : piece[3] + piece[1]]) for piece in pieces]
+    return regions
+
+
+def _cut(regions: list[_Region], world: int, chunk: int) -> list[tuple[int, _Region]]:
+    """Regions cut at most ``chunk`` bytes long and at the byte positions that split the total
+    into ``world`` equal shares; each with its owner, the rank whose share it starts in."""
+    total = sum(region.nbytes for region in regions)
+    bounds = [rank * total // world for rank in range(1, world)] + [total]
+    out: list[tuple[int, _Region]] = []
+    seen = 0
+    for region in regions:
+        start, end, at = seen, seen + region.nbytes, 0
+        seen = end
+        unit = _cut_unit(region)
+        while start + at < end:
+            owner = next(rank for rank, bound in enumerate(bounds) if bound > start + at)
+            stop = min(end - start, at + chunk, bounds[owner] - start)
+            if unit == 0:
+                stop = end - start
+            elif stop < end - start:  # a cut inside: at a whole unit, past ``at``
+                stop = max(at + unit, stop - (stop - at) % unit)
+            out.append((owner, _piece(region, at, stop)))
+            at = stop
+    return out
+
+
+def _cut_unit(region: _Region) -> int:
+    """The granularity a region can be cut at (0: not at all)."""
+    if region.kind == "host":
+        return 0 if region.job.record.method == METHOD_DEFLATE else 1  # inflation starts at the start
+    if region.kind == "cast":
+        return _itemsize(region.job[1][3])  # whole output elements
+    return 1
+
+
+def _piece(region: _Region, first: int, stop: int) -> _Region:
+    """Bytes ``[first, stop)`` of a region's destination, with the job that fills them."""
+    if first == 0 and stop == region.nbytes:
+        return region
+    dest = region.dest[first:stop]
+    if region.kind == "host":
+        return _Region(region.source, "host", CopyJob(region.job.record, region.job.start + first, dest), dest)
+    device, job = region.job
+    if region.kind == "cast":
+        offset, _, source_dtype, target_dtype, _ = job
+        out_width = _itemsize(target_dtype)
+        count = (stop - first) // out_width
+        moved = (offset + first // out_width * _itemsize(source_dtype), count, source_dtype, target_dtype, dest)
+        return _Region(region.source, "cast", (device, moved), dest)
+    offset, _, whole, dest_at = job
+    return _Region(region.source, "device", (device, (offset + first, stop - first, whole, dest_at + first)), dest)
+
+
+def _itemsize(dtype_name: str) -> int:
+    from ..index.symbols import DTYPES
+
+    return DTYPES[dtype_name].itemsize
+
+
+def _batches(regions: list[_Region], world: int, chunk: int) -> list[_Batch]:
+    """Consecutive regions of one owner, source and device, packed into batches of at most
+    ``chunk`` bytes, in file order."""
+    batches: list[_Batch] = []
+    for owner, region in _cut(regions, world, chunk):
+        last = batches[-1] if batches else None
+        if (
+            last is not None
+            and last.owner == owner
+            and last.regions[-1].source == region.source
+            and last.regions[-1].dest.device == region.dest.device
+            and last.nbytes + region.nbytes <= chunk
+        ):
+            last.regions.append(region)
+        else:
+            batches.append(_Batch(owner, [region]))
+    return batches
+
+
+def _run(regions: list[_Region], sources: list[Source], backend: Backend, ring: Any) -> None:
+    by_source: dict[int, FillJobs] = {}
+    for region in regions:
+        jobs = by_source.setdefault(region.source, FillJobs())
+        if region.kind == "host":
+            jobs.host.append(region.job)
+        elif region.kind == "cast":
+            jobs.add_cast(*region.job)
+        else:
+            jobs.add_device(*region.job)
+    for at, jobs in by_source.items():
+        jobs.run(sources[at], backend, ring)
+
+
+def _plan_digest(regions: list[_Region]) -> tuple[int, int, int]:
+    digest = 0
+    for region in regions:
+        line = f"{region.source}:{region.kind}:{region.file_offset}:{region.nbytes}\n"
+        digest = zlib.crc32(line.encode(), digest)
+    return len(regions), sum(region.nbytes for region in regions), digest
+
+
+def _check_same(facts: list[Any], names: list[str]) -> None:
+    """Every rank's files and plan against rank 0's."""
+    first_prints, first_plan = facts[0]
+    for rank, (prints, plan) in enumerate(facts[1:], start=1):
+        if len(prints) != len(first_prints):
+            raise CheckpointError(f"rank {rank} loads {len(prints)} files, rank 0 loads {len(first_prints)}")
+        for name, (size, digest), (size_0, digest_0) in zip(names, prints, first_prints):
+            if size != size_0:
+                raise CheckpointError(f"rank {rank}'s copy is {size} bytes, rank 0's is {size_0} bytes", path=name)
+            if digest != digest_0:
+                raise CheckpointError(
+                    f"rank {rank}'s copy differs from rank 0's: the records or CRC-32s in their indexes differ",
+                    path=name,
+                )
+        if plan != first_plan:
+            raise CheckpointError(
+                f"rank {rank} would load {plan[1]} bytes in {plan[0]} pieces, rank 0 {first_plan[1]} in "
+                f"{first_plan[0]}, or other bytes: a process group's ranks must hold the same tensors (for DTensor "
+                "models, pass the group of replicas, such as HSDP's replicate dimension)"
+            )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _group_failure(failures: list[tuple[int, str]]) -> CheckpointError:
+    said = "; ".join(f"rank {rank}: {error}" for rank, error in failures)
+    return CheckpointError(f"the load failed on {len(failures)} rank(s) of the process group: {said}")

@@ -1,0 +1,183 @@
+"""Which checkpoint bytes go straight into a model's own memory, and the jobs that move them.
+
+A parameter or buffer of the checkpoint's shape, dtype and plain layout, owned by a module
+that loads its state as ``nn.Module`` does, is filled where it lies: host memory by
+(parallel) reads, CUDA memory through the native pinned ring, other float dtypes cast on
+the way. DTensor targets get only this rank's box. Everything else is left to the caller's
+staged path, which ``load_state_dict`` then copies as torch would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .boxes import is_dtensor
+from .dtensor_loading import plan_dtensor_fill
+from .execute.cpu import CopyJob
+from .execute.device import ring_capable, ring_module
+from .execute.fill_jobs import FillJobs
+from .float_cast import CAST_SOURCES, CAST_TARGETS
+from .index.checkpoint import CheckpointIndex
+from .index.records import METHOD_STORED, ParameterRecord, TensorRecord
+from .plan import check_view
+from .sinks.torch_values import same_dtype
+
+
+# Modules whose own _load_from_state_dict only adds or adjusts bookkeeping entries and then
+# copies parameters like nn.Module does, so their parameters may be filled directly.
+_DIRECT_FILL_SAFE_LOADERS = {nn.Module._load_from_state_dict}
+try:
+    from torch.nn.modules.batchnorm import _NormBase
+
+    _DIRECT_FILL_SAFE_LOADERS.add(_NormBase._load_from_state_dict)
+except ImportError:  # pragma: no cover - torch layout change
+    pass
+
+
+@dataclass
+class DirectFill:
+    """What goes straight into the model: the value each filled key gets, the jobs that fill
+    memory every rank holds alike (``shared``: a process group may split them) and those
+    that fill this rank's own DTensor boxes (``own``)."""
+
+    values: dict[str, Any]
+    shared: FillJobs = field(default_factory=FillJobs)
+    own: FillJobs = field(default_factory=FillJobs)
+    ring: Any = None
+
+    def run(self, index: CheckpointIndex, backend: Any) -> None:
+        self.shared.run(index.source, backend, self.ring)
+        self.own.run(index.source, backend, self.ring)
+
+
+def plan_direct_fill(
+    index: CheckpointIndex,
+    state_dict: Mapping[str, Any],
+    targets: Mapping[str, Any],
+    model: nn.Module,
+    backend: Any,
+    *,
+    assign: bool,
+    for_group: bool = False,
+) -> DirectFill:
+    """The entries that go straight into the model's memory, and the jobs that fill it.
+    ``for_group``: a process group will share the jobs out, so nothing is read now (the
+    native backend otherwise checks and reads plain host targets at once, in one call), and
+    DTensor boxes are shared too: the group's ranks hold the same ones (the replicas of TP x DP
+    or HSDP), which the group checks by comparing every rank's planned reads."""
+    owners = owners_allowing_direct_fill(model)
+    on_cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in targets.values())
+    ring = ring_module() if on_cuda and backend.name == "native" else None
+    jobs = FillJobs()
+    own = FillJobs()
+    filled: dict[str, torch.Tensor] = {}
+    scheduled: set[tuple[Any, ...]] = set()
+    candidates = []
+    for name, value in state_dict.items():
+        target = targets.get(name)
+        record = value.data if isinstance(value, ParameterRecord) else value
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        if type(record) is not TensorRecord:
+            continue
+        if is_dtensor(target):  # this rank's shard only, in place or into a DTensor like it
+            value = plan_dtensor_fill(name, record, target, owner in owners and not assign, jobs if for_group else own, ring)
+            if value is not None:
+                filled[name] = value
+        elif not assign and owner in owners and type(target) in (torch.Tensor, nn.Parameter):
+            candidates.append((name, record, target))
+    # Host targets of raw stored records: checked and read in one native call (the rest, or
+    # all of them without the native extension, one by one below).
+    on_host = [target.device.type == "cpu" for _, _, target in candidates]
+    bulk = [(record, target) for (_, record, target), host in zip(candidates, on_host) if host]
+    done = iter(backend.fill_directly(index.source, bulk) if bulk and not for_group else [False] * len(bulk))
+    for (name, record, target), host in zip(candidates, on_host):
+        if host and next(done):
+            filled[name] = target
+            continue
+        if _cast_fillable(record, target):
+            check_view(record, name)
+            filled[name] = target
+            signature = (target.data_ptr(), target.device, record.storage.key, record.storage_offset)
+            if signature not in scheduled:
+                scheduled.add(signature)
+                width = record.dtype.itemsize
+                dest = target.detach().reshape(-1).view(torch.uint8)
+                jobs.add_cast(target.device, (record.storage.data_offset + record.storage_offset * width, record.numel,
+                              record.dtype.name, str(target.dtype).removeprefix("torch."), dest))
+            continue
+        if not fillable(record, target):
+            continue
+        on_host = target.device.type == "cpu"
+        if not on_host and not (ring is not None and target.device.type == "cuda" and ring_capable(record.storage)):
+            continue
+        check_view(record, name)
+        start = record.storage_offset * record.dtype.itemsize
+        filled[name] = target
+        # Tied weights: one parameter under several keys, fed from one storage range.
+        signature = (target.data_ptr(), target.device, record.storage.key, start)
+        if signature in scheduled:
+            continue
+        scheduled.add(signature)
+        dest = target.detach().reshape(-1).view(torch.uint8)
+        if on_host:
+            jobs.host.append(CopyJob(record.storage, start, dest))
+        else:
+            jobs.add_device(target.device, (record.storage.data_offset + start, dest.numel(), dest, 0))
+    return DirectFill(filled, jobs, own, ring)
+
+
+def _cast_fillable(record: TensorRecord, target: Any) -> bool:
+    """A floating-point record stored raw, into a parameter of another floating-point dtype
+    (on the host, or on CUDA): cast on the way, as ``param.copy_`` would cast."""
+    return (
+        isinstance(target, torch.Tensor)
+        and (target.device.type == "cpu" or target.device.type == "cuda")
+        and record.dtype.name in CAST_SOURCES
+        and str(target.dtype).removeprefix("torch.") in CAST_TARGETS
+        and not same_dtype(record.dtype, target.dtype)
+        and _same_layout(record, target)
+        and record.storage.method == METHOD_STORED
+    )
+
+
+def fillable(record: TensorRecord, target: Any) -> bool:
+    return isinstance(target, torch.Tensor) and same_dtype(record.dtype, target.dtype) and _same_layout(record, target)
+
+
+def _same_layout(record: TensorRecord, target: torch.Tensor) -> bool:
+    """Both dense, contiguous, of one shape, with nothing to resolve on either side."""
+    return (
+        not nn.parameter.is_lazy(target)
+        and type(target) in (torch.Tensor, nn.Parameter)
+        and target.layout == torch.strided
+        and not target.is_quantized
+        and tuple(target.shape) == record.size
+        and target.is_contiguous()
+        and record.is_contiguous()
+        and not record.metadata
+        and not record.storage.byteswap
+        and not target.is_conj()
+        and not target.is_neg()
+    )
+
+
+def owners_allowing_direct_fill(model: nn.Module) -> set[str]:
+    """Module paths whose parameters may be written directly (default loading, no pre-hooks)."""
+    allowed: set[str] = set()
+    blocked_prefixes: list[str] = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        if getattr(module, "_load_state_dict_pre_hooks", None):
+            blocked_prefixes.append(path)
+        if type(module)._load_from_state_dict not in _DIRECT_FILL_SAFE_LOADERS:
+            continue
+        allowed.add(path)
+    return {
+        path
+        for path in allowed
+        if not any(path == p or path.startswith(p + ".") or p == "" for p in blocked_prefixes)
+    }
