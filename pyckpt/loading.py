@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -70,7 +71,7 @@ def load(
             rank calls this): each reads about 1/N of its bytes and the ranks share them by
             broadcast (gloo for host memory, NCCL for CUDA), into tensors of their own memory
             (``mmap=True`` cannot be combined with it). A failure on any rank raises
-            ``CheckpointError`` on every rank. Single files only.
+            ``CheckpointError`` on every rank. Files and sharded directories.
     """
     group = check_process_group(process_group)
     if group is not None:
@@ -79,8 +80,6 @@ def load(
         if not weights_only:
             raise ValueError("process_group cannot be combined with weights_only=False")
         with GroupLoad(group, current_backend()) as session:
-            if not isinstance(f, (str, os.PathLike)) or not os.path.isfile(f):
-                raise ValueError("process_group is supported for a checkpoint file, given by its path")
             return _load_on_group(f, map_location, session, strip_prefix, rename, unknown_globals, dtype)
     policy = policy_for(unknown_globals)
     target = None if dtype is None else cast_target(dtype)
@@ -155,25 +154,49 @@ def _load_on_group(
     f: FileArg, map_location: MapLocation, session: GroupLoad, strip_prefix: str | None, rename: RenameRules | None,
     unknown_globals: str, dtype: Any,
 ) -> Any:
-    """``load`` of one file, its storages read by the ranks of a process group together."""
+    """``load`` of one file, or of a sharded directory, its storages read by the ranks of a
+    process group together (one exchange for every file)."""
+    if not isinstance(f, (str, os.PathLike)):
+        raise ValueError("process_group needs the checkpoint's path, not a file object")
+    files = checkpoint_files(f)
+    if is_dcp_directory(f if files is None else files):
+        raise ValueError("process_group is not supported for DCP directories")
+    paths = files.shards if isinstance(files, ShardedCheckpoint) else [f if files is None else files]
     policy = policy_for(unknown_globals)
     target = None if dtype is None else cast_target(dtype)
     check_map_location(map_location)
     key_map = make_key_map(_check_strip_prefix(strip_prefix), _check_rules(rename))
     backend = current_backend()
-    with index_opened(open_source(f), backend, policy=policy) as index:
-        try:
-            root = cast_tree(rename_tree(index.root, key_map), target)
-            plans = plan_storages(root, map_location, mmap=False, can_map=False)
-            on_cuda = any(plan.device is not None and plan.device.type == "cuda" for plan in plans.values())
-            ready, jobs = plan_storage_fills(plans, ring_module() if on_cuda and backend.name == "native" else None)
-            session.share([(index.source, fingerprint(index))], [jobs], ring=ring_module() if on_cuda else None)
-            storages = execute_plan(index, plans, map_location, backend, ready=ready)
-            return build_objects(root, storages)
-        except CheckpointError as exc:
-            raise exc.located(path=index.display)
-        except RecursionError:
-            raise CheckpointError("object tree nests too deeply", path=index.display) from None
+    with ExitStack() as opened:
+        planned = []
+        for path in paths:
+            index = opened.enter_context(index_opened(open_source(path), backend, policy=policy))
+            try:
+                # a shard is renamed with the others (below), so collisions across shards are seen
+                root = cast_tree(index.root if len(paths) > 1 else rename_tree(index.root, key_map), target)
+                plans = plan_storages(root, map_location, mmap=False, can_map=False)
+            except CheckpointError as exc:
+                raise exc.located(path=index.display)
+            planned.append((index, root, plans))
+        on_cuda = any(p.device is not None and p.device.type == "cuda" for _, _, plans in planned for p in plans.values())
+        ring = ring_module() if on_cuda and backend.name == "native" else None
+        fills = [plan_storage_fills(plans, ring) for _, _, plans in planned]
+        session.share([(index.source, fingerprint(index)) for index, _, _ in planned], [jobs for _, jobs in fills], ring=ring)
+        loaded = []
+        for (index, root, plans), (ready, _) in zip(planned, fills):
+            try:
+                storages = execute_plan(index, plans, map_location, backend, ready=ready)
+                loaded.append((index.display, build_objects(root, storages)))
+            except CheckpointError as exc:
+                raise exc.located(path=index.display)
+            except RecursionError:
+                raise CheckpointError("object tree nests too deeply", path=index.display) from None
+    if len(paths) == 1:
+        return loaded[0][1]
+    for shard, part in loaded:
+        if not isinstance(part, dict):
+            raise CheckpointError(f"shard holds a {type(part).__name__}, not a state dict", path=shard)
+    return rename_tree(files.merge(loaded), key_map)  # type: ignore[union-attr]
 
 
 def _load_shards(

@@ -259,6 +259,20 @@ def group_load(ctx: dict[str, Any]) -> dict[str, Any]:
     return {"wrong": wrong, "read": read, "total": ctx["state_bytes"]}
 
 
+def group_load_sharded_dir(ctx: dict[str, Any]) -> dict[str, Any]:
+    from compare import assert_same
+
+    alone = pyckpt.load(ctx["sharded"], strip_prefix="auto")  # safetensors keep no _metadata: compare to this
+    loaded, read = measured(lambda: pyckpt.load(ctx["sharded"], strip_prefix="auto", process_group=dist.group.WORLD))
+    try:
+        assert_same(alone, loaded)
+        assert_same(dict(ctx["expected"]), dict(loaded))
+        wrong = None
+    except AssertionError as exc:
+        wrong = str(exc)
+    return {"wrong": wrong, "read": read, "total": ctx["state_bytes"]}
+
+
 def group_small_chunks(ctx: dict[str, Any]) -> dict[str, Any]:
     """64 KiB chunks: big tensors cut in many, small ones packed together."""
     os.environ["PYCKPT_GROUP_CHUNK_MB"] = "1"

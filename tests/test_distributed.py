@@ -132,7 +132,7 @@ def test_dtensor_group_of_different_boxes_is_refused(group: dict) -> None:
 # --- replicated targets: each rank reads about 1/N, the ranks share by broadcast ----------
 
 
-@pytest.mark.parametrize("case", ["group_load_state_dict", "group_load", "group_small_chunks"])
+@pytest.mark.parametrize("case", ["group_load_state_dict", "group_load", "group_load_sharded_dir", "group_small_chunks"])
 def test_group_reads_one_share_each(group: dict, case: str) -> None:
     world = group["world"]
     for rank, fact in enumerate(facts(group, case)):
