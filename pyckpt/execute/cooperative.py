@@ -2,20 +2,21 @@
 them with broadcasts on the group's own backend (gloo for host memory, NCCL for CUDA).
 
 The fill jobs of a load are cut into regions of destination memory (at most one chunk
-each) and the regions into N contiguous runs of about equal bytes, one per rank, so each
+each) and the regions into N contiguous stretches of equal bytes, one per rank, so each
 rank reads one stretch of the file in order. A reader thread per rank fills its own
-regions while the main thread broadcasts, region by region in file order, so reading,
-host-to-device copies and communication overlap. A region that is a whole chunk goes out
-of and into the parameters' own memory; small ones travel packed in a staging buffer, of
-which at most ``PYCKPT_GROUP_INFLIGHT`` (default 4) of ``PYCKPT_GROUP_CHUNK_MB`` MiB
-(default 32) are alive per rank.
+regions while the main thread broadcasts them all, in file order, so reading, host-to-device
+copies and communication overlap. A region alone in its batch (a chunk of a big tensor:
+most of the bytes) is broadcast out of and into the parameters' own memory; runs of small
+ones travel packed in staging buffers, at most ``PYCKPT_GROUP_INFLIGHT`` (default 4) of
+``PYCKPT_GROUP_CHUNK_MB`` MiB (default 32) alive per rank.
 
 Failure never leaves a rank waiting in a collective: every rank makes the same calls in
 the same order whatever happens. The ranks first agree on the files (sizes and the CRCs
 in their indexes) and on the plan; a rank that failed before that reports it there. A
 read that fails during the exchange is remembered and the exchange goes on (with bytes
-nobody will use); after it the ranks compare outcomes again, and all of them raise.
-"""
+nobody will use); after it the ranks compare outcomes again, and all of them raise. Only
+the exchange's own failures (a broken connection, no memory for a staging buffer) are left
+to the group's timeout, as any collective's are."""
 
 from __future__ import annotations
 
@@ -115,7 +116,6 @@ class GroupLoad:
         self.ring: Any = None
         self.settled = False  # every rank knows the outcome: no more collectives
         self.read_error: str | None = None
-        self.bytes_read = 0  # destination bytes this rank filled itself
 
     def __enter__(self) -> GroupLoad:
         return self
@@ -139,12 +139,13 @@ class GroupLoad:
         regions = [region for at, file_jobs in enumerate(jobs) for region in _regions(at, file_jobs)]
         plan = _plan_digest(regions)
         outcomes = self._gather((None, ([print_ for _, print_ in files], plan)))
-        self.settled = True  # whatever follows, every rank reaches the same verdict here
         failures = [(rank, error) for rank, (error, _) in enumerate(outcomes) if error is not None]
-        if failures:
-            raise _group_failure(failures)
-        _check_same([facts for _, facts in outcomes], [source.display for source, _ in files])
-        self.settled = False  # the exchange and the final agreement follow on every rank
+        refusal = _group_failure(failures) if failures else _difference(
+            [facts for _, facts in outcomes], [source.display for source, _ in files]
+        )
+        if refusal is not None:  # every rank saw the same outcomes, so every rank raises this
+            self.settled = True
+            raise refusal
         self._exchange([source for source, _ in files], regions)
 
     def _gather(self, value: Any) -> list[Any]:
@@ -155,7 +156,6 @@ class GroupLoad:
     def _exchange(self, sources: list[Source], regions: list[_Region]) -> None:
         batches = _batches(regions, self.world, group_chunk_bytes())
         mine = [batch for batch in batches if batch.owner == self.rank]
-        self.bytes_read = sum(batch.nbytes for batch in mine)
         reader = threading.Thread(target=self._read, args=(sources, mine), name="pyckpt-group-reader", daemon=True)
         reader.start()
         pending: list[tuple[Any, _Batch, torch.Tensor | None]] = []
@@ -165,7 +165,7 @@ class GroupLoad:
                     batch.ready.wait()
                 buffer = self._outgoing(batch)
                 tensor = buffer if buffer is not None else batch.regions[0].dest
-                source_rank = self.dist.get_global_rank(self.group, batch.owner) if self.group is not None else batch.owner
+                source_rank = self.dist.get_global_rank(self.group, batch.owner)
                 work = self.dist.broadcast(tensor, src=source_rank, group=self.group, async_op=True)
                 pending.append((work, batch, buffer))
                 while len(pending) > group_inflight():
@@ -312,26 +312,27 @@ def _plan_digest(regions: list[_Region]) -> tuple[int, int, int]:
     return len(regions), sum(region.nbytes for region in regions), digest
 
 
-def _check_same(facts: list[Any], names: list[str]) -> None:
-    """Every rank's files and plan against rank 0's."""
+def _difference(facts: list[Any], names: list[str]) -> CheckpointError | None:
+    """How a rank's files or plan differ from rank 0's, if they do."""
     first_prints, first_plan = facts[0]
     for rank, (prints, plan) in enumerate(facts[1:], start=1):
         if len(prints) != len(first_prints):
-            raise CheckpointError(f"rank {rank} loads {len(prints)} files, rank 0 loads {len(first_prints)}")
+            return CheckpointError(f"rank {rank} loads {len(prints)} files, rank 0 loads {len(first_prints)}")
         for name, (size, digest), (size_0, digest_0) in zip(names, prints, first_prints):
             if size != size_0:
-                raise CheckpointError(f"rank {rank}'s copy is {size} bytes, rank 0's is {size_0} bytes", path=name)
+                return CheckpointError(f"rank {rank}'s copy is {size} bytes, rank 0's is {size_0} bytes", path=name)
             if digest != digest_0:
-                raise CheckpointError(
+                return CheckpointError(
                     f"rank {rank}'s copy differs from rank 0's: the records or CRC-32s in their indexes differ",
                     path=name,
                 )
         if plan != first_plan:
-            raise CheckpointError(
+            return CheckpointError(
                 f"rank {rank} would load {plan[1]} bytes in {plan[0]} pieces, rank 0 {first_plan[1]} in "
                 f"{first_plan[0]}, or other bytes: a process group's ranks must hold the same tensors (for DTensor "
                 "models, pass the group of replicas, such as HSDP's replicate dimension)"
             )
+    return None
 
 
 def _describe(exc: BaseException) -> str:
