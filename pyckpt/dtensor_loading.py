@@ -26,11 +26,15 @@ from .sinks.torch_values import same_dtype
 
 
 def plan_dtensor_fill(
-    name: str, record: TensorRecord, target: Any, in_place: bool, jobs: FillJobs, ring: Any
+    name: str, record: TensorRecord, target: Any, in_place: bool, jobs: FillJobs, ring: Any,
+    planned: dict[Any, torch.Tensor],
 ) -> Any | None:
     """Schedule this rank's box of ``record`` into ``target`` (in place) or into a new DTensor
     like it; returns the value ``load_state_dict`` gets for ``name``, or None when the record
-    must be read whole first (``dtensor_from_full``)."""
+    must be read whole first (``dtensor_from_full``). ``planned`` holds the local tensors
+    already planned: a tied weight (one DTensor under two keys, one storage in the file) is
+    read once, and with ``assign=True`` its new DTensors share one local tensor, as torch's
+    share one storage."""
     box = local_box(target, name)
     if tuple(record.size) != box.global_shape or not readable_by_range(record):
         return None
@@ -44,7 +48,14 @@ def plan_dtensor_fill(
     if not on_host and not (device.type == "cuda" and (cast or (ring is not None and ring_capable(record.storage)))):
         return None
     check_view(record, name)
+    # the same bytes into the same box: one read, and (assign=True) one local tensor
+    signature = (record.storage.key, record.storage_offset, box.start, box.shape, local.dtype, device,
+                 local.data_ptr() if in_place else None)
+    dest = planned.get(signature)
+    if dest is not None:
+        return target if in_place else wrap_local(target, dest)
     dest = local if in_place else torch.empty(box.shape, dtype=local.dtype, device=device)
+    planned[signature] = dest
     dest_bytes = dest.detach().reshape(-1).view(torch.uint8)
     runs = box_runs(box.shape, record.size, box.start, box.shape, (0,) * len(box.shape))
     source_width, dest_width = record.dtype.itemsize, dest.element_size()

@@ -77,6 +77,7 @@ def plan_direct_fill(
     own = FillJobs()
     filled: dict[str, torch.Tensor] = {}
     scheduled: set[tuple[Any, ...]] = set()
+    boxes: dict[tuple[Any, ...], torch.Tensor] = {}  # DTensor local tensors planned, by what fills them
     candidates = []
     for name, value in state_dict.items():
         target = targets.get(name)
@@ -85,7 +86,7 @@ def plan_direct_fill(
         if type(record) is not TensorRecord:
             continue
         if is_dtensor(target):  # this rank's shard only, in place or into a DTensor like it
-            value = plan_dtensor_fill(name, record, target, owner in owners and not assign, jobs if for_group else own, ring)
+            value = plan_dtensor_fill(name, record, target, owner in owners and not assign, jobs if for_group else own, ring, boxes)
             if value is not None:
                 filled[name] = value
         elif not assign and owner in owners and type(target) in (torch.Tensor, nn.Parameter):

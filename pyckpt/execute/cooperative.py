@@ -116,12 +116,13 @@ class GroupLoad:
         self.ring: Any = None
         self.settled = False  # every rank knows the outcome: no more collectives
         self.read_error: str | None = None
+        self.staging: dict[torch.device, list[torch.Tensor]] = {}
 
     def __enter__(self) -> GroupLoad:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if self.settled:
+        if self.settled or self.world == 1:
             return False
         self.settled = True
         status = _describe(exc) if exc is not None else self.read_error
@@ -136,6 +137,10 @@ class GroupLoad:
         rank reading its share. ``files`` pairs each source with its ``fingerprint``; ``ring``:
         the native CUDA ring, for jobs into device memory."""
         self.ring = ring
+        if self.world == 1:  # nobody to agree with or share among
+            for (source, _), file_jobs in zip(files, jobs):
+                file_jobs.run(source, self.backend, ring)
+            return
         regions = [region for at, file_jobs in enumerate(jobs) for region in _regions(at, file_jobs)]
         plan = _plan_digest(regions)
         outcomes = self._gather((None, ([print_ for _, print_ in files], plan)))
@@ -179,9 +184,21 @@ class GroupLoad:
         """The staging buffer a packed batch travels in (None: its one region goes as it is)."""
         if len(batch.regions) == 1:
             return None
+        buffer = self._staging(batch.regions[0].dest.device)[: batch.nbytes]
         if batch.owner == self.rank:
-            return torch.cat([region.dest for region in batch.regions])
-        return torch.empty(batch.nbytes, dtype=torch.uint8, device=batch.regions[0].dest.device)
+            torch.cat([region.dest for region in batch.regions], out=buffer)
+        return buffer
+
+    def _staging(self, device: torch.device) -> torch.Tensor:
+        """The next of ``inflight + 1`` staging buffers of this device, reused in turn: a buffer
+        is taken again only after the broadcast that used it finished (``_finish`` runs before
+        more than ``inflight`` are pending)."""
+        pool = self.staging.setdefault(device, [])
+        if len(pool) <= group_inflight():
+            pool.append(torch.empty(group_chunk_bytes(), dtype=torch.uint8, device=device))
+            return pool[-1]
+        pool.append(pool.pop(0))
+        return pool[-1]
 
     def _finish(self, work: Any, batch: _Batch, buffer: torch.Tensor | None) -> None:
         work.wait()
@@ -271,15 +288,23 @@ def _itemsize(dtype_name: str) -> int:
     return DTYPES[dtype_name].itemsize
 
 
+# Regions under chunk / PACK_FRACTION bytes travel packed: one broadcast per small tensor
+# would cost more than it carries, and a copy in and out of staging costs little for them.
+PACK_FRACTION = 32
+
+
 def _batches(regions: list[_Region], world: int, chunk: int) -> list[_Batch]:
-    """Consecutive regions of one owner, source and device, packed into batches of at most
-    ``chunk`` bytes, in file order."""
+    """Consecutive small regions of one owner, source and device packed into batches of at
+    most ``chunk`` bytes, the others alone, in file order."""
     batches: list[_Batch] = []
     for owner, region in _cut(regions, world, chunk):
         last = batches[-1] if batches else None
+        small = region.nbytes < chunk // PACK_FRACTION
         if (
-            last is not None
+            small
+            and last is not None
             and last.owner == owner
+            and last.regions[-1].nbytes < chunk // PACK_FRACTION
             and last.regions[-1].source == region.source
             and last.regions[-1].dest.device == region.dest.device
             and last.nbytes + region.nbytes <= chunk
