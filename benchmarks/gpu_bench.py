@@ -4,12 +4,13 @@
                                    [--ring-mb M] [--ring-buffers N] [--streams S] [--readers R] [--dry-run]
 
 1. builds the extension in place (``setup.py build_ext --inplace``), prints the backend;
-2. runs the CUDA tests (``tests/test_device.py tests/test_load.py -k "cuda or device"``);
+2. runs the CUDA tests (``tests/test_device.py tests/test_load.py tests/test_distributed.py -k "cuda or device"``);
 3. measures pinned and pageable host-to-device bandwidth with plain torch copies;
 4. generates (once, cached) a DataParallel checkpoint and warms the page cache;
 5. times pyckpt, torch and safetensors loading it to the GPU, each run in a fresh subprocess;
 6. checks every result against the checksums saved with the checkpoint;
-7. profiles one more load (``gpu_overlap.py``): copies per stream, their overlap, the caller.
+7. profiles one more load (``gpu_overlap.py``): copies per stream, their overlap, the caller;
+8. runs ``bench_distributed.py`` on one rank over NCCL (cooperative and FSDP2 loads, <= 1 GiB).
 
 The exit status is 1 when the build, a test or a check failed (the benchmark runs anyway).
 ``--dry-run`` runs every step with a tiny checkpoint, on the CPU where there is no CUDA.
@@ -71,6 +72,8 @@ BANDWIDTH_REPEAT = 10
 BUILD_TIMEOUT_S = 480
 TESTS_TIMEOUT_S = 300
 CHILD_TIMEOUT_S = 240  # one load of 16 GB by the slowest row takes well under a minute
+DISTRIBUTED_TIMEOUT_S = 600  # generating its <= 1 GiB checkpoint once, then six loads
+DISTRIBUTED_MAX_GIB = 1.0  # world size 1 says whether the NCCL paths work, not how they scale
 DISK_MARGIN = 2 * GIB
 TARGET_PINNED_SHARE = 0.80
 AIM_PINNED_SHARE = 0.90
@@ -149,6 +152,7 @@ def run_tests() -> TestOutcome:
         "-q",
         "tests/test_device.py",
         "tests/test_load.py",
+        "tests/test_distributed.py",
         "-k",
         "cuda or device",
     ]
@@ -530,6 +534,25 @@ def profile_overlap(checkpoint: Checkpoint, trace: Path | None) -> bool:
     return done.returncode == 0
 
 
+def distributed_loads(data_dir: Path, size_gib: float, has_cuda: bool) -> bool:
+    """``bench_distributed.py`` on one rank: NCCL on the GPU, gloo on the CPU without CUDA."""
+    script = Path(__file__).resolve().with_name("bench_distributed.py")
+    backend = "nccl" if has_cuda else "gloo"
+    size = min(DISTRIBUTED_MAX_GIB, size_gib)  # --dry-run's size is already tiny
+    arguments = ["--backend", backend, "--world-sizes", "1", "--size-gib", f"{size:g}", "--cache", "warm"]
+    command = [sys.executable, str(script), *arguments, "--data-dir", str(data_dir)]
+    print("$ " + shlex.join(["python", "benchmarks/bench_distributed.py", *arguments]))
+    try:
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=DISTRIBUTED_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        print(f"DISTRIBUTED LOADS TIMED OUT after {DISTRIBUTED_TIMEOUT_S} s:\n{tail(str(exc.stdout or ''), 20)}")
+        return False
+    print(done.stdout.rstrip())
+    if done.returncode != 0:
+        print(f"exit status {done.returncode}:\n{tail(done.stderr, 30)}")
+    return done.returncode == 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -680,6 +703,10 @@ def main() -> int:
             failures.append("overlap profile")
     else:
         print("skipped: no CUDA")
+
+    section("8. distributed loads (one rank)")
+    if not distributed_loads(args.data_dir, size_gib, has_cuda):
+        failures.append("distributed loads")
 
     print(
         f"\ntotal {time.perf_counter() - started:.0f} s; "
