@@ -1,5 +1,5 @@
 """Build pyckpt: the Python package plus its native extensions, ``pyckpt._core``, ``pyckpt._ring``
-and ``pyckpt._tensors``.
+and ``pyckpt._tensors``, and ``pyckpt._api``, the C++ API's library (no Python in it).
 
 ``pip install --no-build-isolation .`` compiles the extension against the installed torch
 (build isolation would download torch again). ``PYCKPT_BUILD_EXT=0`` installs pure Python.
@@ -55,7 +55,25 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=flags,
     )
-    return [core, ring, tensors], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    # pyckpt._api: the C++ API and its TorchScript ops. Linked against libtorch but not
+    # libtorch_python (CppExtension would add it), so a C++ program can load it without Python;
+    # Python reaches it through torch.ops.load_library, never import.
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    torch_libs = library_paths()
+    api = Extension(
+        name="pyckpt._api",
+        sources=[*sources("api"), "csrc/device/ring_loader.cpp", "csrc/core/byte_source.cpp",
+                 "csrc/index/zip_index.cpp", "csrc/index/pickle_vm.cpp", "csrc/io/crc32.cpp",
+                 "csrc/io/parallel_read.cpp", "csrc/io/mapped_file.cpp"],
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "pyckpt", "include"), *include_paths()],
+        library_dirs=torch_libs,
+        runtime_library_dirs=torch_libs,
+        libraries=["c10", "torch", "torch_cpu"],
+        extra_compile_args=flags,  # BuildExtension adds the C++ standard torch's headers need
+        language="c++",
+    )
+    return [core, ring, tensors, api], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()
@@ -70,7 +88,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["pyckpt", "pyckpt.*"]),
-    package_data={"pyckpt": ["py.typed"]},
+    package_data={"pyckpt": ["py.typed", "include/pyckpt/*.h", "share/cmake/pyckpt/*.cmake"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"test": ["pytest", "safetensors", "omegaconf", "transformers", "huggingface_hub"], "safetensors": ["safetensors"]},
     entry_points={"console_scripts": ["pyckpt=pyckpt.cli:main"]},

@@ -20,8 +20,12 @@ __all__ = [
     "UnsafeCheckpointError",
     "backend",
     "backend_info",
+    "cmake_prefix_path",
     "convert",
+    "include_path",
+    "library_path",
     "load",
+    "load_ops",
     "load_state_dict",
     "release_buffers",
     "state_dict_of",
@@ -31,6 +35,7 @@ __all__ = [
 if TYPE_CHECKING:
     from ._backend import BackendInfo
     from .converting import ConvertReport, convert
+    from .cpp import cmake_prefix_path, include_path, library_path, load_ops
     from .execute.device import release_buffers
     from .index.opaque import Opaque
     from .inspection import unknown_globals
@@ -47,6 +52,10 @@ _LAZY = {
     "Opaque": "index.opaque",
     "state_dict_of": "pickled_module",
     "unknown_globals": "inspection",
+    "library_path": "cpp",
+    "include_path": "cpp",
+    "cmake_prefix_path": "cpp",
+    "load_ops": "cpp",
 }
 
 
@@ -73,3 +82,22 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module_name}", __name__), name)
     globals()[name] = value
     return value
+
+
+def _register_ops_if_torch_is_loaded() -> None:
+    """``torch.ops.pyckpt.*`` once pyckpt is imported, where that costs no torch import: with
+    torch not yet imported, ``pyckpt.load_ops()`` (or ``torch.ops.load_library``) does it."""
+    import os
+    import sys
+
+    if "torch" not in sys.modules or os.environ.get("PYCKPT_DISABLE_EXT", "").strip() in ("1", "true", "yes", "on"):
+        return
+    from .cpp import load_ops
+
+    try:
+        load_ops()
+    except (OSError, RuntimeError):  # no C++ library built: pyckpt.backend_info() says why
+        pass
+
+
+_register_ops_if_torch_is_loaded()

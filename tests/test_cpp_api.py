@@ -1,0 +1,319 @@
+"""pyckpt without Python: the C++ API and the ``torch.ops.pyckpt`` operators.
+
+A C++ program (``tests/cpp/load_checkpoint.cpp``) is built with CMake through
+``find_package(Torch)`` and ``find_package(pyckpt)`` and run as its own process; what it prints
+is compared with what Python loads from the same files. The operators are checked from
+Python, from ``torch.jit.script`` code, and from a scripted module saved and run in a fresh
+process that never imports pyckpt. Native only: the C++ library is part of the extension.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import pyckpt
+from conftest import require_backend
+from factory import rezip
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCALAR_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_only() -> None:
+    require_backend("native")
+    pyckpt.load_ops()
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 7)
+        self.bn = nn.BatchNorm1d(7)
+        self.fc2 = nn.Linear(7, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+
+
+def seeded_net() -> Net:
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.bn.running_mean.normal_()
+        net.bn.num_batches_tracked.fill_(3)
+    return net
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A DataParallel checkpoint, and one of many dtypes with views and a tied weight."""
+    directory = tmp_path_factory.mktemp("cpp-files")
+    dp = str(directory / "dp.pt")
+    torch.save(nn.DataParallel(seeded_net()).state_dict(), dp)
+    base = torch.arange(24, dtype=torch.float32)
+    mixed = {
+        "_orig_mod.matrix": base.reshape(4, 6),
+        "_orig_mod.view": base[6:18].reshape(3, 4),  # a view sharing the matrix's storage
+        "_orig_mod.transposed": base.reshape(4, 6).t(),
+        "_orig_mod.bf16": torch.linspace(-2, 2, 9, dtype=torch.bfloat16),
+        "_orig_mod.half": torch.ones(3, 2, dtype=torch.float16),
+        "_orig_mod.int": torch.arange(-5, 5, dtype=torch.int32),
+        "_orig_mod.mask": torch.tensor([True, False, True]),
+        "_orig_mod.scalar": torch.tensor(7, dtype=torch.int64),
+        "_orig_mod.empty": torch.zeros(0, 3),
+        "_orig_mod.param": nn.Parameter(torch.full((2, 2), 0.5)),
+    }
+    path = str(directory / "mixed.pt")
+    torch.save(mixed, path)
+    training = str(directory / "training.pt")
+    torch.save({"epoch": 3, "model": nn.DataParallel(seeded_net()).state_dict(), "lr": 0.1}, training)
+    return {"dp": dp, "mixed": path, "training": training}
+
+
+def checksum(tensor: torch.Tensor) -> int:
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).to(torch.int64)
+    weights = torch.arange(data.numel(), dtype=torch.int64).remainder(251).add(1)
+    return int((data * weights).sum())
+
+
+def expected_lines(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """What the C++ program prints for ``state_dict`` (Python's load of the same file)."""
+    lines, first_user = [], {}
+    for index, (key, tensor) in enumerate(state_dict.items()):
+        sharer = first_user.setdefault(tensor.untyped_storage().data_ptr(), index)
+        fields = [key, SCALAR_NAMES[tensor.dtype], ",".join(map(str, tensor.shape)), ",".join(map(str, tensor.stride())),
+                  str(tensor.storage_offset()), str(sharer), str(tensor.device), str(checksum(tensor))]
+        lines.append("\t".join(fields))
+    return lines
+
+
+# --- the C++ program ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tests/cpp/load_checkpoint.cpp, built with CMake's find_package(Torch) and find_package(pyckpt),
+    or with g++ and the paths pyckpt and torch give where there is no CMake."""
+    source = tmp_path_factory.mktemp("cpp-project")
+    if not shutil.which("cmake"):
+        return compile_with_gxx(source)
+    build = source / "build"
+    shutil.copy(os.path.join(HERE, "cpp", "load_checkpoint.cpp"), source / "load_checkpoint.cpp")
+    (source / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\n"
+        "project(load_checkpoint CXX)\n"
+        "find_package(Torch REQUIRED)\n"
+        "find_package(pyckpt REQUIRED)\n"
+        "add_executable(load_checkpoint load_checkpoint.cpp)\n"
+        "target_link_libraries(load_checkpoint PRIVATE pyckpt::pyckpt ${TORCH_LIBRARIES})\n"
+        "set_property(TARGET load_checkpoint PROPERTY CXX_STANDARD 20)\n"
+    )
+    prefix = f"{torch.utils.cmake_prefix_path};{pyckpt.cmake_prefix_path()}"
+    for command in (["cmake", "-S", str(source), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}",
+                     "-DCMAKE_BUILD_TYPE=Release"], ["cmake", "--build", str(build), "-j", "2"]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return str(build / "load_checkpoint")
+
+
+def compile_with_gxx(directory) -> str:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    program = str(directory / "load_checkpoint")
+    torch_lib = library_paths()[0]
+    command = ["g++", "-std=c++20", "-O1", os.path.join(HERE, "cpp", "load_checkpoint.cpp"), "-o", program,
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{pyckpt.include_path()}",
+               *[f"-I{path}" for path in include_paths()], pyckpt.library_path(), f"-L{torch_lib}",
+               "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"g++ failed:\n{done.stderr[-3000:]}"
+    return program
+
+
+def run_program(program: str, *args: str) -> subprocess.CompletedProcess:
+    # No Python in the process: a plain environment, and nothing of Python's on the library path.
+    # Error messages may quote record names that are not UTF-8: kept as surrogates.
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+    done = subprocess.run([program, *args], capture_output=True, timeout=300, env=env)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode("utf-8", "surrogateescape"),
+                                       done.stderr.decode("utf-8", "surrogateescape"))
+
+
+def test_program_links_no_python(program: str) -> None:
+    linked = subprocess.run(["ldd", program], capture_output=True, text=True).stdout
+    assert "libtorch_cpu" in linked and "_api" in linked
+    assert "libpython" not in linked and "torch_python" not in linked
+
+
+@pytest.mark.parametrize("name", ["dp", "mixed", "training"])
+def test_program_loads_like_python(program: str, checkpoints: dict[str, str], name: str) -> None:
+    done = run_program(program, "load", checkpoints[name])
+    assert done.returncode == 0, done.stderr
+    loaded = pyckpt.load(checkpoints[name], strip_prefix="auto")
+    state = loaded["model"] if name == "training" else loaded
+    assert done.stdout.splitlines() == expected_lines(state)
+
+
+def test_program_fills_existing_tensors(program: str, checkpoints: dict[str, str]) -> None:
+    done = run_program(program, "into", checkpoints["dp"])
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    state = pyckpt.load(checkpoints["dp"], strip_prefix="auto")
+    got = {line.split("\t")[0]: line.split("\t")[-1] for line in lines if not line.startswith("missing")}
+    assert {key: got[key] for key in state} == {key: str(checksum(value)) for key, value in state.items()}
+    assert lines[-1] == "missing\tnot.in.the.checkpoint"
+
+
+def test_attack_corpus_through_the_cpp_api(program: str, tmp_path) -> None:
+    """Every hostile file is refused with an error: no crash, no hang, nothing run."""
+    import attacks
+
+    sentinels = str(tmp_path / "sentinels")
+    os.makedirs(sentinels)
+    cases = [case for case in attacks.build_cases(sentinels, include_bombs=False) if not case.slow]
+    written = attacks.write_corpus(str(tmp_path / "corpus"), sentinels, cases)
+    done = run_program(program, "attack", *[path for _, path in written])
+    assert done.returncode == 0, f"the program died: {done.returncode}\n{done.stderr[-2000:]}"
+    outcomes = dict(line.split("\t")[:2] for line in done.stdout.splitlines())
+    assert len(outcomes) == len(written)
+    loaded = [case.name for case, path in written if outcomes[path] != "error"]
+    assert loaded == []
+    assert os.listdir(sentinels) == []  # no payload ran
+
+
+# --- the operators ----------------------------------------------------------------------------
+
+
+def test_ops_match_python(checkpoints: dict[str, str]) -> None:
+    from compare import assert_same
+
+    for name in ("dp", "mixed"):
+        got = torch.ops.pyckpt.load_state_dict(checkpoints[name])
+        expected = pyckpt.load(checkpoints[name], strip_prefix="auto")
+        assert list(got) == list(expected)
+        # C++ has no Parameter: one comes back as a tensor over the same bytes, requires_grad kept
+        plain = {k: v.detach().requires_grad_(v.requires_grad) if isinstance(v, nn.Parameter) else v
+                 for k, v in expected.items()}
+        assert_same(plain, dict(got))
+    kept = torch.ops.pyckpt.load_state_dict(checkpoints["dp"], "")
+    assert all(key.startswith("module.") for key in kept)
+
+
+def test_ops_load_into_fills_in_place(checkpoints: dict[str, str]) -> None:
+    model = Net()
+    for p in model.parameters():
+        p.data.zero_()
+    targets = dict(model.state_dict(keep_vars=True))
+    targets["extra.weight"] = torch.zeros(1)
+    missing = torch.ops.pyckpt.load_into(checkpoints["dp"], targets)
+    assert missing == ["extra.weight"]
+    expected = seeded_net().state_dict()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("problem", ["missing", "compressed", "quantized", "conj", "not_zip"])
+def test_ops_refuse_what_they_cannot_read(checkpoints: dict[str, str], tmp_path, problem: str) -> None:
+    path = str(tmp_path / f"{problem}.pt")
+    said = {"missing": "cannot open the file", "compressed": "compressed", "quantized": "refused global",
+            "conj": "conj/neg", "not_zip": "end-of-central-directory"}[problem]
+    if problem == "compressed":
+        rezip(checkpoints["dp"], path, zipfile.ZIP_DEFLATED)
+    elif problem == "quantized":
+        torch.save({"q": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8)}, path)
+    elif problem == "conj":
+        torch.save({"c": torch.ones(2, dtype=torch.complex64).conj()}, path)
+    elif problem == "not_zip":
+        with open(path, "wb") as f:
+            f.write(b"not a checkpoint" * 10)
+    with pytest.raises(RuntimeError, match=said) as raised:
+        torch.ops.pyckpt.load_state_dict(path)
+    assert path in str(raised.value)
+
+
+def test_scripted_function_calls_the_op(checkpoints: dict[str, str]) -> None:
+    @torch.jit.script
+    def first_weight(path: str) -> torch.Tensor:
+        return torch.ops.pyckpt.load_state_dict(path, "auto", None)["fc1.weight"]
+
+    assert torch.equal(first_weight(checkpoints["dp"]), seeded_net().fc1.weight)
+
+
+class SelfLoading(nn.Module):
+    """A scripted model that loads its own weights at start-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 7)
+        self.fc2 = nn.Linear(7, 3)
+
+    @torch.jit.export
+    def load_weights(self, path: str) -> list[str]:
+        targets = {"fc1.weight": self.fc1.weight, "fc1.bias": self.fc1.bias,
+                   "fc2.weight": self.fc2.weight, "fc2.bias": self.fc2.bias}
+        return torch.ops.pyckpt.load_into(path, targets, "auto")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x))
+
+
+def test_saved_scripted_module_loads_its_weights_in_a_fresh_process(checkpoints: dict[str, str], tmp_path) -> None:
+    scripted = torch.jit.script(SelfLoading())
+    saved = str(tmp_path / "self_loading.pt")
+    torch.jit.save(scripted, saved)
+    out = str(tmp_path / "weights.pt")
+    code = (
+        "import sys, torch\n"
+        "torch.ops.load_library(sys.argv[1])\n"  # the library alone: pyckpt is never imported
+        "module = torch.jit.load(sys.argv[2])\n"
+        "missing = module.load_weights(sys.argv[3])\n"
+        "assert 'pyckpt' not in sys.modules\n"
+        "torch.save({'missing': missing, 'state': module.state_dict()}, sys.argv[4])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, pyckpt.library_path(), saved, checkpoints["dp"], out],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(out)
+    assert result["missing"] == []
+    model = SelfLoading()
+    pyckpt.load_state_dict(model, checkpoints["dp"], strict=False)  # the Python path, for comparison
+    for key, value in model.state_dict().items():
+        assert torch.equal(result["state"][key], value), key
+
+
+def test_library_paths_for_build_systems() -> None:
+    assert os.path.isfile(pyckpt.library_path())
+    assert os.path.isfile(os.path.join(pyckpt.include_path(), "pyckpt", "pyckpt.h"))
+    assert os.path.isfile(os.path.join(pyckpt.cmake_prefix_path(), "pyckpt", "pyckptConfig.cmake"))
+
+
+def test_importing_pyckpt_after_torch_registers_the_ops(checkpoints: dict[str, str]) -> None:
+    code = "import sys, torch, pyckpt; print(len(torch.ops.pyckpt.load_state_dict(sys.argv[1])))"
+    done = subprocess.run([sys.executable, "-c", code, checkpoints["dp"]], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) == len(seeded_net().state_dict())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_ops_through_the_ring(checkpoints: dict[str, str]) -> None:
+    from compare import assert_same
+
+    got = torch.ops.pyckpt.load_state_dict(checkpoints["mixed"], "auto", torch.device("cuda"))
+    expected = pyckpt.load(checkpoints["mixed"], strip_prefix="auto", map_location="cuda")
+    plain = {k: v.detach().requires_grad_(v.requires_grad) if isinstance(v, nn.Parameter) else v
+             for k, v in expected.items()}
+    assert_same(plain, dict(got))
