@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import threading
 import zlib
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,10 +29,9 @@ import torch
 from .._env import env_positive
 from ..errors import CheckpointError
 from ..index.checkpoint import CheckpointIndex
-from ..index.records import METHOD_DEFLATE
 from ..index.source import Source
-from .cpu import CopyJob
 from .fill_jobs import FillJobs
+from .group_plan import Batch, Region, batches_of, plan_digest, regions_of, run_regions
 
 if TYPE_CHECKING:
     from .._backend import Backend
@@ -69,36 +67,6 @@ def fingerprint(index: CheckpointIndex) -> tuple[int, int]:
         line = f"{key}:{record.data_offset}:{record.nbytes}:{record.stored_size}:{record.crc32}\n"
         digest = zlib.crc32(line.encode(), digest)
     return index.source.size, digest
-
-
-@dataclass
-class _Region:
-    source: int  # which of the move's sources the job reads
-    kind: str  # "host", "cast" or "device"
-    job: Any
-    dest: torch.Tensor  # the contiguous bytes the job fills
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.dest.numel())
-
-    @property
-    def file_offset(self) -> int:
-        """Where the job starts reading (in the record's bytes, for a deflate record)."""
-        if self.kind == "host":
-            return self.job.record.data_offset + self.job.start
-        return self.job[1][0]
-
-
-@dataclass
-class _Batch:
-    owner: int
-    regions: list[_Region]
-    ready: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(region.nbytes for region in self.regions)
 
 
 class GroupLoad:
@@ -141,8 +109,8 @@ class GroupLoad:
             for (source, _), file_jobs in zip(files, jobs):
                 file_jobs.run(source, self.backend, ring)
             return
-        regions = [region for at, file_jobs in enumerate(jobs) for region in _regions(at, file_jobs)]
-        plan = _plan_digest(regions)
+        regions = [region for at, file_jobs in enumerate(jobs) for region in regions_of(at, file_jobs)]
+        plan = plan_digest(regions)
         outcomes = self._gather((None, ([print_ for _, print_ in files], plan)))
         failures = [(rank, error) for rank, (error, _) in enumerate(outcomes) if error is not None]
         refusal = _group_failure(failures) if failures else _difference(
@@ -158,12 +126,12 @@ class GroupLoad:
         self.dist.all_gather_object(out, value, group=self.group)
         return out
 
-    def _exchange(self, sources: list[Source], regions: list[_Region]) -> None:
-        batches = _batches(regions, self.world, group_chunk_bytes())
+    def _exchange(self, sources: list[Source], regions: list[Region]) -> None:
+        batches = batches_of(regions, self.world, group_chunk_bytes())
         mine = [batch for batch in batches if batch.owner == self.rank]
         reader = threading.Thread(target=self._read, args=(sources, mine), name="pyckpt-group-reader", daemon=True)
         reader.start()
-        pending: list[tuple[Any, _Batch, torch.Tensor | None]] = []
+        pending: list[tuple[Any, Batch, torch.Tensor | None]] = []
         try:
             for batch in batches:
                 if batch.owner == self.rank:
@@ -180,7 +148,7 @@ class GroupLoad:
         finally:
             reader.join()
 
-    def _outgoing(self, batch: _Batch) -> torch.Tensor | None:
+    def _outgoing(self, batch: Batch) -> torch.Tensor | None:
         """The staging buffer a packed batch travels in (None: its one region goes as it is)."""
         if len(batch.regions) == 1:
             return None
@@ -200,7 +168,7 @@ class GroupLoad:
         pool.append(pool.pop(0))
         return pool[-1]
 
-    def _finish(self, work: Any, batch: _Batch, buffer: torch.Tensor | None) -> None:
+    def _finish(self, work: Any, batch: Batch, buffer: torch.Tensor | None) -> None:
         work.wait()
         if buffer is None or batch.owner == self.rank:
             return
@@ -210,131 +178,16 @@ class GroupLoad:
                 region.dest.copy_(buffer[at : at + region.nbytes])
                 at += region.nbytes
 
-    def _read(self, sources: list[Source], batches: list[_Batch]) -> None:
+    def _read(self, sources: list[Source], batches: list[Batch]) -> None:
         """This rank's share, in file order; an error is kept for the final agreement and the
         remaining batches are released unread, so the exchange runs to its end."""
         for batch in batches:
             if self.read_error is None:
                 try:
-                    _run(batch.regions, sources, self.backend, self.ring)
+                    run_regions(batch.regions, sources, self.backend, self.ring)
                 except BaseException as exc:  # noqa: BLE001 - reported to every rank
                     self.read_error = _describe(exc)
             batch.ready.set()
-
-
-def _regions(source: int, jobs: FillJobs) -> list[_Region]:
-    """Every job as the region of destination memory it fills."""
-    regions = [_Region(source, "host", job, job.dest) for job in jobs.host]
-    for device, cast_jobs in jobs.cast.items():
-        regions += [_Region(source, "cast", (device, job), job[4]) for job in cast_jobs]
-    for device, pieces in jobs.device.items():
-        regions += [_Region(source, "device", (device, piece), piece[2][piece[3] : piece[3] + piece[1]]) for piece in pieces]
-    return regions
-
-
-def _cut(regions: list[_Region], world: int, chunk: int) -> list[tuple[int, _Region]]:
-    """Regions cut at most ``chunk`` bytes long and at the byte positions that split the total
-    into ``world`` equal shares; each with its owner, the rank whose share it starts in."""
-    total = sum(region.nbytes for region in regions)
-    bounds = [rank * total // world for rank in range(1, world)] + [total]
-    out: list[tuple[int, _Region]] = []
-    seen = 0
-    for region in regions:
-        start, end, at = seen, seen + region.nbytes, 0
-        seen = end
-        unit = _cut_unit(region)
-        while start + at < end:
-            owner = next(rank for rank, bound in enumerate(bounds) if bound > start + at)
-            stop = min(end - start, at + chunk, bounds[owner] - start)
-            if unit == 0:
-                stop = end - start
-            elif stop < end - start:  # a cut inside: at a whole unit, past ``at``
-                stop = max(at + unit, stop - (stop - at) % unit)
-            out.append((owner, _piece(region, at, stop)))
-            at = stop
-    return out
-
-
-def _cut_unit(region: _Region) -> int:
-    """The granularity a region can be cut at (0: not at all)."""
-    if region.kind == "host":
-        return 0 if region.job.record.method == METHOD_DEFLATE else 1  # inflation starts at the start
-    if region.kind == "cast":
-        return _itemsize(region.job[1][3])  # whole output elements
-    return 1
-
-
-def _piece(region: _Region, first: int, stop: int) -> _Region:
-    """Bytes ``[first, stop)`` of a region's destination, with the job that fills them."""
-    if first == 0 and stop == region.nbytes:
-        return region
-    dest = region.dest[first:stop]
-    if region.kind == "host":
-        return _Region(region.source, "host", CopyJob(region.job.record, region.job.start + first, dest), dest)
-    device, job = region.job
-    if region.kind == "cast":
-        offset, _, source_dtype, target_dtype, _ = job
-        out_width = _itemsize(target_dtype)
-        count = (stop - first) // out_width
-        moved = (offset + first // out_width * _itemsize(source_dtype), count, source_dtype, target_dtype, dest)
-        return _Region(region.source, "cast", (device, moved), dest)
-    offset, _, whole, dest_at = job
-    return _Region(region.source, "device", (device, (offset + first, stop - first, whole, dest_at + first)), dest)
-
-
-def _itemsize(dtype_name: str) -> int:
-    from ..index.symbols import DTYPES
-
-    return DTYPES[dtype_name].itemsize
-
-
-# Regions under chunk / PACK_FRACTION bytes travel packed: one broadcast per small tensor
-# would cost more than it carries, and a copy in and out of staging costs little for them.
-PACK_FRACTION = 32
-
-
-def _batches(regions: list[_Region], world: int, chunk: int) -> list[_Batch]:
-    """Consecutive small regions of one owner, source and device packed into batches of at
-    most ``chunk`` bytes, the others alone, in file order."""
-    batches: list[_Batch] = []
-    for owner, region in _cut(regions, world, chunk):
-        last = batches[-1] if batches else None
-        small = region.nbytes < chunk // PACK_FRACTION
-        if (
-            small
-            and last is not None
-            and last.owner == owner
-            and last.regions[-1].nbytes < chunk // PACK_FRACTION
-            and last.regions[-1].source == region.source
-            and last.regions[-1].dest.device == region.dest.device
-            and last.nbytes + region.nbytes <= chunk
-        ):
-            last.regions.append(region)
-        else:
-            batches.append(_Batch(owner, [region]))
-    return batches
-
-
-def _run(regions: list[_Region], sources: list[Source], backend: Backend, ring: Any) -> None:
-    by_source: dict[int, FillJobs] = {}
-    for region in regions:
-        jobs = by_source.setdefault(region.source, FillJobs())
-        if region.kind == "host":
-            jobs.host.append(region.job)
-        elif region.kind == "cast":
-            jobs.add_cast(*region.job)
-        else:
-            jobs.add_device(*region.job)
-    for at, jobs in by_source.items():
-        jobs.run(sources[at], backend, ring)
-
-
-def _plan_digest(regions: list[_Region]) -> tuple[int, int, int]:
-    digest = 0
-    for region in regions:
-        line = f"{region.source}:{region.kind}:{region.file_offset}:{region.nbytes}\n"
-        digest = zlib.crc32(line.encode(), digest)
-    return len(regions), sum(region.nbytes for region in regions), digest
 
 
 def _difference(facts: list[Any], names: list[str]) -> CheckpointError | None:
