@@ -222,6 +222,24 @@ def test_ops_load_into_fills_in_place(checkpoints: dict[str, str]) -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
 
 
+def test_ops_load_into_casts_and_fills_strided_targets(checkpoints: dict[str, str]) -> None:
+    """Targets that cannot take the file's bytes as they are (another dtype, a transposed
+    layout, a view into a bigger tensor) are filled by copy_, as load_state_dict would."""
+    expected = pyckpt.load(checkpoints["mixed"], strip_prefix="auto")
+    holder = torch.zeros(6, 4)
+    targets = {
+        "matrix": torch.zeros(6, 4).t(),  # strides (1, 4): not row-major
+        "bf16": torch.zeros(9, dtype=torch.float64),
+        "view": holder[1:4],  # a view whose storage is bigger than it
+        "int": torch.zeros(10, dtype=torch.int32),  # read straight in
+    }
+    assert torch.ops.pyckpt.load_into(checkpoints["mixed"], targets) == []
+    assert torch.equal(targets["matrix"], expected["matrix"]) and targets["matrix"].stride() == (1, 4)
+    assert torch.equal(targets["bf16"], expected["bf16"].double())
+    assert torch.equal(holder[1:4], expected["view"]) and holder[0].eq(0).all() and holder[4:].eq(0).all()
+    assert torch.equal(targets["int"], expected["int"])
+
+
 @pytest.mark.parametrize("problem", ["missing", "compressed", "quantized", "conj", "not_zip"])
 def test_ops_refuse_what_they_cannot_read(checkpoints: dict[str, str], tmp_path, problem: str) -> None:
     path = str(tmp_path / f"{problem}.pt")

@@ -140,6 +140,15 @@ at::Tensor make_tensor(const TensorSpec& spec, const at::Storage& storage) {
   return tensor;
 }
 
+bool is_row_major(const TensorSpec& tensor) {
+  int64_t expected = 1;
+  for (size_t d = tensor.size.size(); d-- > 0;) {
+    if (tensor.size[d] != 1 && tensor.stride[d] != expected) return false;
+    expected *= tensor.size[d];
+  }
+  return true;
+}
+
 template <typename Body>
 auto with_path(const std::string& path, Body body) -> decltype(body()) {
   try {
@@ -180,30 +189,78 @@ c10::Dict<std::string, at::Tensor> load_state_dict(const std::string& path, cons
 
 std::vector<std::string> load_into(const std::string& path, c10::Dict<std::string, at::Tensor> targets,
                                    const LoadOptions& options) {
-  LoadOptions mapped = options;
-  mapped.device.reset();
-  mapped.mmap = true;  // read by the copies themselves, page by page: no host copy of the file
-  const c10::Dict<std::string, at::Tensor> loaded = load_state_dict(path, mapped);
-  std::unordered_map<std::string, std::string> by_canonical;
-  for (const auto& item : loaded) by_canonical.emplace(strip_auto(item.key()), item.key());
-  std::vector<std::string> missing;
-  c10::AutoGradMode no_grad(false);  // filling parameters in place, as torch.no_grad() would
-  for (const auto& item : targets) {
-    auto found = loaded.find(item.key());
-    if (found == loaded.end()) {
+  return with_path(path, [&] {
+    std::vector<std::pair<std::regex, std::string>> rules;
+    for (const auto& [pattern, replacement] : options.rename) rules.emplace_back(std::regex(pattern), replacement);
+    OpenFile file(path);
+    const ZipIndexView zip(file.source(), reader_threads());
+    const StateDictSpec spec = read_state_dict_spec(file.source(), zip);
+    std::unordered_map<std::string, size_t> by_name;
+    std::unordered_map<std::string, size_t> by_canonical;
+    for (size_t i = 0; i < spec.tensors.size(); ++i) {
+      const std::string name = renamed(spec.tensors[i].first, options, rules);
+      if (!by_name.emplace(name, i).second) fail("keys '" + spec.tensors[i].first + "' and another both become '" + name + "'");
+      by_canonical.emplace(strip_auto(name), i);
+    }
+    std::unordered_map<std::string, uint64_t> storage_bytes;
+    for (const StorageUse& use : spec.storages) storage_bytes.emplace(use.key, use.nbytes);
+
+    // Targets whose bytes lie as they are in the file are read straight into (CPU: parallel
+    // reads; CUDA: the pinned ring); the others are copied, casting, from a mapping.
+    std::vector<ReadJob> reads;
+    std::unordered_map<c10::Device, std::vector<DevicePiece>> pieces;
+    std::vector<std::pair<at::Tensor, size_t>> copies;
+    std::vector<std::string> missing;
+    for (const auto& item : targets) {
+      auto exact = by_name.find(item.key());
       auto canonical = by_canonical.find(strip_auto(item.key()));
-      if (canonical != by_canonical.end()) found = loaded.find(canonical->second);
+      if (exact == by_name.end() && canonical == by_canonical.end()) {
+        missing.push_back(item.key());
+        continue;
+      }
+      const size_t index = exact != by_name.end() ? exact->second : canonical->second;
+      const TensorSpec& tensor = spec.tensors[index].second;
+      at::Tensor target = item.value();
+      TORCH_CHECK(target.sizes().vec() == tensor.size, "pyckpt: ", path, ": key '", item.key(), "' has shape ",
+                  at::IntArrayRef(tensor.size), " in the checkpoint and ", target.sizes(), " in the target");
+      const ZipEntry& entry = zip.storage_entry(tensor.storage);
+      const uint64_t width = c10::elementSize(tensor.dtype);
+      const uint64_t nbytes = static_cast<uint64_t>(target.numel()) * width;
+      const bool raw = entry.method == kMethodStored && entry.size == storage_bytes.at(tensor.storage) &&
+                       target.scalar_type() == tensor.dtype && target.layout() == at::kStrided &&
+                       target.is_contiguous() && !target.is_conj() && !target.is_neg() &&
+                       is_row_major(tensor) && (target.is_cpu() || target.is_cuda());
+      if (!raw || nbytes == 0) {
+        copies.emplace_back(target, index);
+        continue;
+      }
+      const uint64_t offset = entry.data_offset + static_cast<uint64_t>(tensor.offset) * width;
+      file.source().check_range(offset, nbytes, "tensor");
+      if (target.is_cpu()) {
+        reads.push_back({offset, nbytes, static_cast<uint8_t*>(target.data_ptr())});
+      } else {
+        pieces[target.device()].push_back({offset, nbytes, target.detach().view({-1}).view(at::kByte), 0});
+      }
     }
-    if (found == loaded.end()) {
-      missing.push_back(item.key());
-      continue;
+    if (!reads.empty()) parallel_read(file.source(), reads, reader_threads());
+    for (const auto& [device, device_pieces] : pieces) copy_through_ring(file.source(), device_pieces, RingConfig{}, device);
+    if (!copies.empty()) {
+      std::vector<StorageUse> uses;
+      for (const auto& [target, index] : copies) {
+        const std::string& key = spec.tensors[index].second.storage;
+        uses.push_back({key, storage_bytes.at(key)});
+      }
+      LoadOptions mapped;
+      mapped.mmap = true;  // read by the copies themselves, page by page: no host copy of the file
+      const auto storages = read_storages(path, file.source(), zip, uses, mapped);
+      c10::AutoGradMode no_grad(false);  // filling parameters in place, as torch.no_grad() would
+      for (auto& [target, index] : copies) {
+        const TensorSpec& tensor = spec.tensors[index].second;
+        target.copy_(make_tensor(tensor, storages.at(tensor.storage)));
+      }
     }
-    at::Tensor target = item.value();
-    TORCH_CHECK(target.sizes() == found->value().sizes(), "pyckpt: ", path, ": key '", item.key(),
-                "' has shape ", found->value().sizes(), " in the checkpoint and ", target.sizes(), " in the target");
-    target.copy_(found->value());
-  }
-  return missing;
+    return missing;
+  });
 }
 
 }  // namespace pyckpt
