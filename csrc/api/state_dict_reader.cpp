@@ -16,6 +16,7 @@
 #include <thread>
 #include <unistd.h>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "api/state_dict_tree.h"
 #include "core/error.h"
@@ -149,6 +150,33 @@ bool is_row_major(const TensorSpec& tensor) {
   return true;
 }
 
+// A checkpoint opened and indexed, with its state dict's keys as the options rename them.
+struct OpenCheckpoint {
+  OpenCheckpoint(const std::string& path, const LoadOptions& options)
+      : rules(compiled(options)), file(path), zip(file.source(), reader_threads()),
+        spec(read_state_dict_spec(file.source(), zip)) {
+    std::unordered_set<std::string> seen;
+    for (const auto& [key, tensor] : spec.tensors) {
+      names.push_back(renamed(key, options, rules));
+      if (!seen.insert(names.back()).second) fail("keys '" + key + "' and another both become '" + names.back() + "'");
+    }
+  }
+  const ByteSource& source() const { return file.source(); }
+
+  // Compiled first: a bad pattern is reported before the file is opened.
+  static std::vector<std::pair<std::regex, std::string>> compiled(const LoadOptions& options) {
+    std::vector<std::pair<std::regex, std::string>> out;
+    for (const auto& [pattern, replacement] : options.rename) out.emplace_back(std::regex(pattern), replacement);
+    return out;
+  }
+
+  std::vector<std::pair<std::regex, std::string>> rules;
+  OpenFile file;
+  ZipIndexView zip;
+  StateDictSpec spec;
+  std::vector<std::string> names;  // spec.tensors' keys, renamed
+};
+
 template <typename Body>
 auto with_path(const std::string& path, Body body) -> decltype(body()) {
   try {
@@ -171,17 +199,12 @@ auto with_path(const std::string& path, Body body) -> decltype(body()) {
 
 c10::Dict<std::string, at::Tensor> load_state_dict(const std::string& path, const LoadOptions& options) {
   return with_path(path, [&] {
-    std::vector<std::pair<std::regex, std::string>> rules;
-    for (const auto& [pattern, replacement] : options.rename) rules.emplace_back(std::regex(pattern), replacement);
-    OpenFile file(path);
-    const ZipIndexView zip(file.source(), reader_threads());
-    const StateDictSpec spec = read_state_dict_spec(file.source(), zip);
-    const auto storages = read_storages(path, file.source(), zip, spec.storages, options);
+    const OpenCheckpoint checkpoint(path, options);
+    const auto storages = read_storages(path, checkpoint.source(), checkpoint.zip, checkpoint.spec.storages, options);
     c10::Dict<std::string, at::Tensor> out;
-    for (const auto& [key, tensor] : spec.tensors) {
-      const std::string name = renamed(key, options, rules);
-      if (out.contains(name)) fail("keys '" + key + "' and another both become '" + name + "'");
-      out.insert(name, make_tensor(tensor, storages.at(tensor.storage)));
+    for (size_t i = 0; i < checkpoint.spec.tensors.size(); ++i) {
+      const TensorSpec& tensor = checkpoint.spec.tensors[i].second;
+      out.insert(checkpoint.names[i], make_tensor(tensor, storages.at(tensor.storage)));
     }
     return out;
   });
@@ -190,17 +213,14 @@ c10::Dict<std::string, at::Tensor> load_state_dict(const std::string& path, cons
 std::vector<std::string> load_into(const std::string& path, c10::Dict<std::string, at::Tensor> targets,
                                    const LoadOptions& options) {
   return with_path(path, [&] {
-    std::vector<std::pair<std::regex, std::string>> rules;
-    for (const auto& [pattern, replacement] : options.rename) rules.emplace_back(std::regex(pattern), replacement);
-    OpenFile file(path);
-    const ZipIndexView zip(file.source(), reader_threads());
-    const StateDictSpec spec = read_state_dict_spec(file.source(), zip);
+    const OpenCheckpoint checkpoint(path, options);
+    const ZipIndexView& zip = checkpoint.zip;
+    const StateDictSpec& spec = checkpoint.spec;
     std::unordered_map<std::string, size_t> by_name;
     std::unordered_map<std::string, size_t> by_canonical;
     for (size_t i = 0; i < spec.tensors.size(); ++i) {
-      const std::string name = renamed(spec.tensors[i].first, options, rules);
-      if (!by_name.emplace(name, i).second) fail("keys '" + spec.tensors[i].first + "' and another both become '" + name + "'");
-      by_canonical.emplace(strip_auto(name), i);
+      by_name.emplace(checkpoint.names[i], i);
+      by_canonical.emplace(strip_auto(checkpoint.names[i]), i);
     }
     std::unordered_map<std::string, uint64_t> storage_bytes;
     for (const StorageUse& use : spec.storages) storage_bytes.emplace(use.key, use.nbytes);
@@ -235,15 +255,15 @@ std::vector<std::string> load_into(const std::string& path, c10::Dict<std::strin
         continue;
       }
       const uint64_t offset = entry.data_offset + static_cast<uint64_t>(tensor.offset) * width;
-      file.source().check_range(offset, nbytes, "tensor");
+      checkpoint.source().check_range(offset, nbytes, "tensor");
       if (target.is_cpu()) {
         reads.push_back({offset, nbytes, static_cast<uint8_t*>(target.data_ptr())});
       } else {
         pieces[target.device()].push_back({offset, nbytes, target.detach().view({-1}).view(at::kByte), 0});
       }
     }
-    if (!reads.empty()) parallel_read(file.source(), reads, reader_threads());
-    for (const auto& [device, device_pieces] : pieces) copy_through_ring(file.source(), device_pieces, RingConfig{}, device);
+    if (!reads.empty()) parallel_read(checkpoint.source(), reads, reader_threads());
+    for (const auto& [device, device_pieces] : pieces) copy_through_ring(checkpoint.source(), device_pieces, RingConfig{}, device);
     if (!copies.empty()) {
       std::vector<StorageUse> uses;
       for (const auto& [target, index] : copies) {
@@ -252,7 +272,7 @@ std::vector<std::string> load_into(const std::string& path, c10::Dict<std::strin
       }
       LoadOptions mapped;
       mapped.mmap = true;  // read by the copies themselves, page by page: no host copy of the file
-      const auto storages = read_storages(path, file.source(), zip, uses, mapped);
+      const auto storages = read_storages(path, checkpoint.source(), zip, uses, mapped);
       c10::AutoGradMode no_grad(false);  // filling parameters in place, as torch.no_grad() would
       for (auto& [target, index] : copies) {
         const TensorSpec& tensor = spec.tensors[index].second;
