@@ -31,7 +31,7 @@ from .model_fill import owners_allowing_direct_fill
 from .module_loading import key_matcher, module_matcher
 from .sinks.model_driver import load_into_model
 from .rename import find_state_dict, rename_state_dict
-from .sinks.torch_values import torch_dtype
+from .sinks.torch_values import takes_bytes_as_they_are, torch_dtype
 
 
 # (placeholder, destination, start): the destination holds the box of its shape at ``start``
@@ -185,10 +185,7 @@ class DcpSkeleton:
         if (
             destination.device.type != "cpu"
             or destination.dtype != torch_dtype(entry.dtype)
-            or destination.layout != torch.strided
-            or not destination.is_contiguous()
-            or destination.is_conj()
-            or destination.is_neg()
+            or not takes_bytes_as_they_are(destination)
         ):
             return False
         record = self._chunk_root(chunk)

@@ -22,7 +22,7 @@ from .execute.fill_jobs import FillJobs
 from .float_cast import CAST_SOURCES, CAST_TARGETS
 from .index.records import METHOD_STORED, TensorRecord
 from .plan import check_view
-from .sinks.torch_values import same_dtype
+from .sinks.torch_values import same_dtype, takes_bytes_as_they_are
 
 
 def plan_dtensor_fill(
@@ -41,7 +41,7 @@ def plan_dtensor_fill(
     local = box.local
     same = same_dtype(record.dtype, local.dtype)
     cast = not same and record.dtype.name in CAST_SOURCES and str(local.dtype).removeprefix("torch.") in CAST_TARGETS
-    if not (same or cast) or local.layout != torch.strided or not local.is_contiguous() or local.is_conj() or local.is_neg():
+    if not (same or cast) or not takes_bytes_as_they_are(local):
         return None
     device = local.device
     on_host = device.type == "cpu"

@@ -25,7 +25,7 @@ from .float_cast import CAST_SOURCES, CAST_TARGETS
 from .index.checkpoint import CheckpointIndex
 from .index.records import METHOD_STORED, ParameterRecord, TensorRecord
 from .plan import check_view
-from .sinks.torch_values import same_dtype
+from .sinks.torch_values import same_dtype, takes_bytes_as_they_are
 
 
 # Modules whose own _load_from_state_dict only adds or adjusts bookkeeping entries and then
@@ -155,15 +155,12 @@ def _same_layout(record: TensorRecord, target: torch.Tensor) -> bool:
     return (
         not nn.parameter.is_lazy(target)
         and type(target) in (torch.Tensor, nn.Parameter)
-        and target.layout == torch.strided
         and not target.is_quantized
         and tuple(target.shape) == record.size
-        and target.is_contiguous()
+        and takes_bytes_as_they_are(target)
         and record.is_contiguous()
         and not record.metadata
         and not record.storage.byteswap
-        and not target.is_conj()
-        and not target.is_neg()
     )
 
 

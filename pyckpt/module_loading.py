@@ -137,8 +137,9 @@ def _load_state_dict(
         for index, part, direct in parts:
             try:
                 if session is None:
-                    direct.shared.run(index.source, backend, direct.ring)
-                direct.own.run(index.source, backend, direct.ring)
+                    direct.run(index, backend)
+                else:  # the shared jobs ran in the exchange above
+                    direct.own.run(index.source, backend, direct.ring)
                 filled.update(_staged(index, part, direct.values, targets, backend, staged_location, assign))
             except CheckpointError as exc:
                 raise exc.located(path=index.display)

@@ -19,7 +19,7 @@ from ..index.source import Source
 from ..sinks.torch_values import torch_dtype
 
 if TYPE_CHECKING:
-    from .._backend import Backend
+    from .._backend import Backend, CastJob
 
 
 @dataclass(slots=True)
@@ -100,17 +100,31 @@ def _read_cast(index: CheckpointIndex, records: list[StorageRecord], backend: Ba
     buffers = {record.key: allocate_bytes(record.nbytes, record) for record in records}
     jobs = []
     for record in records:
+        if casts_by_range(record):
+            job = cast_job(record, buffers[record.key])
+            if job[1]:
+                jobs.append(job)
+            continue
         original, elements = record.cast_from.record, record.cast_from.dtype  # type: ignore[union-attr]
-        count = original.nbytes // elements.itemsize
-        if original.method == METHOD_DEFLATE or original.byteswap:
-            held = read_storages(index, [original], backend)[original.key]
-            data = torch.empty(0, dtype=torch.uint8).set_(held).numpy()  # type: ignore[call-overload]
-            buffers[record.key].numpy()[:] = cast_bytes(data, elements.name, record.dtype.name)
-        elif count:
-            jobs.append((original.data_offset, count, elements.name, record.dtype.name, buffers[record.key]))
+        held = read_storages(index, [original], backend)[original.key]
+        data = torch.empty(0, dtype=torch.uint8).set_(held).numpy()  # type: ignore[call-overload]
+        buffers[record.key].numpy()[:] = cast_bytes(data, elements.name, record.dtype.name)
     if jobs:
         backend.cast_into(index.source, jobs)
     return {key: buffer.untyped_storage() for key, buffer in buffers.items()}
+
+
+def casts_by_range(record: StorageRecord) -> bool:
+    """Whether a cast stand-in's original lies raw in the file, to be cast as it is read
+    (a compressed or byte-swapped one is read whole first)."""
+    original = record.cast_from.record  # type: ignore[union-attr]
+    return original.method != METHOD_DEFLATE and not original.byteswap
+
+
+def cast_job(record: StorageRecord, dest: torch.Tensor) -> CastJob:
+    """Read a cast stand-in's elements (``casts_by_range``) and cast them into ``dest``."""
+    original, elements = record.cast_from.record, record.cast_from.dtype  # type: ignore[union-attr]
+    return (original.data_offset, original.nbytes // elements.itemsize, elements.name, record.dtype.name, dest)
 
 
 def allocate_bytes(nbytes: int, record: StorageRecord | None = None) -> torch.Tensor:

@@ -121,8 +121,6 @@ def storages_through_ring(
 ) -> tuple[dict[str, torch.UntypedStorage], list[StoragePlan]]:
     """Fresh device storages for the ring-capable plans; returns them and the plans left over
     (all of them when the ring extension is missing: they are then staged through host memory)."""
-    from torch.serialization import validate_cuda_device  # torch's own error when CUDA is absent
-
     ring = ring_module()
     if ring is None:
         if any(plan.device is not None and plan.device.type == "cuda" for plan in plans):
@@ -137,14 +135,22 @@ def storages_through_ring(
         if device is None or device.type != "cuda" or not ring_capable(plan.record):
             rest.append(plan)
             continue
-        device = torch.device("cuda", validate_cuda_device(plan.location))
-        dest = torch.empty(plan.record.nbytes, dtype=torch.uint8, device=device)
-        by_device.setdefault(device, []).append((plan.record.data_offset, plan.record.nbytes, dest, 0))
-        result[plan.record.key] = dest.untyped_storage()
+        device, piece = ring_piece(plan)
+        by_device.setdefault(device, []).append(piece)
+        result[plan.record.key] = piece[2].untyped_storage()
     for device, pieces in by_device.items():
         with torch.cuda.device(device):
             copy_pieces(ring, index.source, pieces, device, config)
     return result, rest
+
+
+def ring_piece(plan: StoragePlan) -> tuple[torch.device, tuple[int, int, torch.Tensor, int]]:
+    """A fresh buffer on a CUDA plan's device, and the ring piece that fills it with the record."""
+    from torch.serialization import validate_cuda_device  # torch's own error when CUDA is absent
+
+    device = torch.device("cuda", validate_cuda_device(plan.location))
+    dest = torch.empty(plan.record.nbytes, dtype=torch.uint8, device=device)
+    return device, (plan.record.data_offset, plan.record.nbytes, dest, 0)
 
 
 def release_buffers() -> None:

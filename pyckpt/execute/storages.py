@@ -10,9 +10,8 @@ from .._device import MapLocation
 from ..errors import CheckpointError
 from ..index.checkpoint import CheckpointIndex
 from ..plan import HOW_MAP, HOW_META, HOW_READ, HOW_RESTORE, HOW_VIEW, StoragePlan
-from ..index.records import METHOD_STORED
-from .cpu import CopyJob, allocate_bytes, read_storages
-from .device import read_to_devices, ring_capable
+from .cpu import CopyJob, allocate_bytes, cast_job, casts_by_range, read_storages
+from .device import read_to_devices, ring_capable, ring_piece
 from .fill_jobs import FillJobs
 
 if TYPE_CHECKING:
@@ -93,22 +92,18 @@ def plan_storage_fills(plans: dict[str, StoragePlan], ring: Any) -> tuple[dict[s
         record, device = plan.record, plan.device
         if plan.how != HOW_READ or record.byteswap or record.pieces is not None or record.view_of is not None:
             continue
-        original = record.cast_from
         if device is None or device.type == "cpu":
-            dest = allocate_bytes(record.nbytes, record)
-            if original is None:
-                jobs.host.append(CopyJob(record, 0, dest))
-            elif original.record.method == METHOD_STORED and not original.record.byteswap:
-                count = original.record.nbytes // original.dtype.itemsize
-                jobs.add_cast(dest.device, (original.record.data_offset, count, original.dtype.name, record.dtype.name, dest))
-            else:
+            if record.cast_from is not None and not casts_by_range(record):
                 continue
+            dest = allocate_bytes(record.nbytes, record)
+            if record.cast_from is None:
+                jobs.host.append(CopyJob(record, 0, dest))
+            else:
+                jobs.add_cast(dest.device, cast_job(record, dest))
         elif device.type == "cuda" and ring is not None and ring_capable(record):
-            from torch.serialization import validate_cuda_device  # torch's own error when CUDA is absent
-
-            device = torch.device("cuda", validate_cuda_device(plan.location))
-            dest = torch.empty(record.nbytes, dtype=torch.uint8, device=device)
-            jobs.add_device(device, (record.data_offset, record.nbytes, dest, 0))
+            device, piece = ring_piece(plan)
+            dest = piece[2]
+            jobs.add_device(device, piece)
         else:
             continue
         ready[key] = dest.untyped_storage()

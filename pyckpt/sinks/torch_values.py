@@ -41,6 +41,12 @@ def same_dtype(dtype: DType, value: torch.dtype) -> bool:
     return getattr(torch, dtype.name, None) == value
 
 
+def takes_bytes_as_they_are(tensor: torch.Tensor) -> bool:
+    """Dense, contiguous memory with no conj/neg bit to resolve: a file's row-major bytes of
+    its dtype can be written into it directly."""
+    return tensor.layout == torch.strided and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()
+
+
 def torch_object(name: Symbol) -> Any:
     value = _torch_allowlist().get(name.name)
     if value is None:
