@@ -7,7 +7,9 @@
 //   1. pyckpt::read_zip_entries over a MemorySource, then the pickle VM over each stored
 //      .pkl record it finds (data.pkl, constants.pkl), as the zip index would;
 //   2. the pickle VM over the whole input, then over the pickles that follow it (the legacy
-//      format is a run of pickles), as the legacy index would.
+//      format is a run of pickles), as the legacy index would;
+//   3. the safetensors header reader (the C++ API's), and the JSON reader under it over the
+//      whole input, as a shard index would be read.
 // A pyckpt::CheckpointError is the expected answer to a bad input. Anything else is a
 // finding: another exception (std::bad_alloc, std::out_of_range...), a sanitizer report,
 // a broken invariant of the results (checked below), a crash or a hang.
@@ -24,7 +26,9 @@
 
 #include "core/byte_source.h"
 #include "core/error.h"
+#include "index/json_value.h"
 #include "index/pickle_vm.h"
+#include "index/safetensors_index.h"
 #include "index/zip_index.h"
 
 namespace {
@@ -221,6 +225,33 @@ void run_zip(const uint8_t* data, size_t size, bool opaque) {
   }
 }
 
+// What the C++ API relies on: the tensors tile the data after the header, each of its size.
+void run_safetensors(const uint8_t* data, size_t size) {
+  const pyckpt::MemorySource source(data, size);
+  if (pyckpt::looks_safetensors(source)) {
+    try {
+      const pyckpt::SafetensorsIndex index = pyckpt::read_safetensors_index(source);
+      uint64_t next = index.tensors.empty() ? size : index.tensors.front().data_offset;
+      for (const pyckpt::SafetensorsTensor& tensor : index.tensors) {
+        if (tensor.data_offset != next) finding("safetensors tensors do not tile the data: " + tensor.name);
+        if (tensor.data_offset > size || tensor.nbytes > size - tensor.data_offset) {
+          finding("safetensors tensor outside the file: " + tensor.name);
+        }
+        uint64_t numel = 1;
+        for (int64_t n : tensor.shape) numel *= static_cast<uint64_t>(n);
+        if (numel * tensor.itemsize != tensor.nbytes) finding("safetensors shape disagrees with its bytes");
+        next = tensor.data_offset + tensor.nbytes;
+      }
+      if (next != size) finding("safetensors data not covered to the end of the file");
+    } catch (const pyckpt::CheckpointError&) {
+    }
+  }
+  try {
+    pyckpt::parse_json(std::string(reinterpret_cast<const char*>(data), size), "index");
+  } catch (const pyckpt::CheckpointError&) {
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -231,6 +262,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     run_zip(data, size, (last & 2) != 0);
     // The legacy format: magic, protocol, sys_info, object, keys.
     run_pickles(data, size, (last & 1) != 0, (last & 2) != 0, 5);
+    run_safetensors(data, size);
   } catch (const pyckpt::CheckpointError&) {
     finding("CheckpointError escaped the harness's own handlers");
   } catch (const std::exception& error) {

@@ -34,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
 DICT = os.path.join(HERE, "pickle_zip.dict")
-CORE_SOURCES = ["core/byte_source.cpp", "index/zip_index.cpp", "index/pickle_vm.cpp"]
+CORE_SOURCES = ["core/byte_source.cpp", "index/zip_index.cpp", "index/pickle_vm.cpp", "index/json_value.cpp",
+                "index/safetensors_index.cpp"]
 HARNESS = "fuzz/fuzz_index.cpp"
 DRIVER = "fuzz/driver.cpp"
 COMMON_FLAGS = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-I", CSRC]

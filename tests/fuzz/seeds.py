@@ -157,6 +157,10 @@ def _safetensors_seeds() -> dict[str, bytes]:
     return {
         "safetensors_dtypes": save(tensors),
         "safetensors_metadata": save({"w": tensors["module.w"]}, metadata={"format": "pt"}),
+        # A shard index, read by the same JSON reader: escapes, non-ASCII, every value kind.
+        "shard_index": b'{"metadata": {"total_size": 48, "ratio": 1.5e-3, "ok": true, "none": null}, '
+                       b'"weight_map": {"a.\\u00e9\\n": "model-00001-of-00002.safetensors", '
+                       b'"b\xc3\xa9": "model-00002-of-00002.safetensors", "c": ["x", -0, NaN]}}',
     }
 
 
