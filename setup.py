@@ -64,7 +64,8 @@ def _extensions():
     api = Extension(
         name="pyckpt._api",
         sources=[*sources("api"), "csrc/device/ring_loader.cpp", "csrc/core/byte_source.cpp",
-                 "csrc/index/zip_index.cpp", "csrc/index/pickle_vm.cpp", "csrc/io/crc32.cpp",
+                 "csrc/index/zip_index.cpp", "csrc/index/pickle_vm.cpp", "csrc/index/json_value.cpp",
+                 "csrc/index/safetensors_index.cpp", "csrc/index/shard_index.cpp", "csrc/io/crc32.cpp",
                  "csrc/io/parallel_read.cpp", "csrc/io/mapped_file.cpp"],
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "pyckpt", "include"), *include_paths()],
         library_dirs=torch_libs,

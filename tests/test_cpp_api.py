@@ -9,6 +9,7 @@ process that never imports pyckpt. Native only: the C++ library is part of the e
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,12 +23,15 @@ from torch import nn
 import pyckpt
 from conftest import require_backend
 from factory import rezip
+from safetensors.torch import load_file, save_file
+from sharded_cases import lying_sharded_checkpoints, write_sharded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCALAR_NAMES = {
     torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
     torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-    torch.bool: "Bool", torch.complex64: "ComplexFloat",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.uint16: "UInt16", torch.uint32: "UInt32",
+    torch.uint64: "UInt64", torch.float8_e4m3fn: "Float8_e4m3fn", torch.float8_e5m2: "Float8_e5m2",
 }
 
 
@@ -91,7 +95,8 @@ def expected_lines(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """What the C++ program prints for ``state_dict`` (Python's load of the same file)."""
     lines, first_user = [], {}
     for index, (key, tensor) in enumerate(state_dict.items()):
-        sharer = first_user.setdefault(tensor.untyped_storage().data_ptr(), index)
+        storage = tensor.untyped_storage()  # an empty storage shares nothing, wherever it points
+        sharer = first_user.setdefault(storage.data_ptr(), index) if storage.nbytes() else index
         fields = [key, SCALAR_NAMES[tensor.dtype], ",".join(map(str, tensor.shape)), ",".join(map(str, tensor.stride())),
                   str(tensor.storage_offset()), str(sharer), str(tensor.device), str(checksum(tensor))]
         lines.append("\t".join(fields))
@@ -190,6 +195,161 @@ def test_attack_corpus_through_the_cpp_api(program: str, tmp_path) -> None:
     loaded = [case.name for case, path in written if outcomes[path] != "error"]
     assert loaded == []
     assert os.listdir(sentinels) == []  # no payload ran
+    # A lying safetensors header gets the Python package's own words from C++ too.
+    messages = {path: line.split("\t", 2)[2] for line in done.stdout.splitlines() for path in [line.split("\t")[0]]}
+    headers = [(case, path) for case, path in written if case.name.startswith("st_")]
+    assert len(headers) >= 15
+    for case, path in headers:
+        assert all(fragment in messages[path] for fragment in case.expect), f"{case.name}: {messages[path]}"
+
+
+# --- safetensors files and sharded directories --------------------------------------------------
+
+
+def dp_state_dict() -> dict[str, torch.Tensor]:
+    return nn.DataParallel(seeded_net()).state_dict()
+
+
+def thirds(keys: list[str]) -> list[list[str]]:
+    return [keys[0::3], keys[1::3], keys[2::3]]  # interleaved: a shard's keys are not a run
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The DP checkpoint as one safetensors file, a directory holding it, and shards of each
+    kind (named by directory or by index file); each written by its format's own library."""
+    directory = tmp_path_factory.mktemp("cpp-layouts")
+    state = dp_state_dict()
+    keys = list(state)
+    save_file({k: v.clone() for k, v in state.items()}, directory / "dp.safetensors", metadata={"format": "pt"})
+    os.makedirs(directory / "single")
+    save_file({k: v.clone() for k, v in state.items()}, directory / "single" / "model.safetensors")
+    paths = {"safetensors": str(directory / "dp.safetensors"), "single-file directory": str(directory / "single")}
+    for name, kinds in {"safetensors shards": ["safetensors"] * 3, "bin shards": ["bin"] * 3,
+                        "mixed shards": ["safetensors", "bin", "safetensors"]}.items():
+        index = write_sharded(directory / name.replace(" ", "-"), state, shard_keys=thirds(keys), kinds=kinds)
+        paths[name] = index if name == "bin shards" else os.path.dirname(index)  # the index file, or its directory
+    dtypes = {
+        "module.f32": torch.randn(3, 5), "module.bf16": torch.randn(7, dtype=torch.bfloat16),
+        "module.f16": torch.randn(2, 2, dtype=torch.float16), "module.i8": torch.arange(-3, 4, dtype=torch.int8),
+        "module.u8": torch.arange(9, dtype=torch.uint8), "module.mask": torch.tensor([True, False]),
+        "module.i64": torch.arange(4, dtype=torch.int64), "module.scalar": torch.tensor(2.5),
+        "module.empty": torch.zeros(0, 4), "module.e4m3": torch.randn(6).to(torch.float8_e4m3fn),
+        "module.e5m2": torch.randn(6).to(torch.float8_e5m2), "module.u16": torch.arange(5).to(torch.uint16),
+        "module.u32": torch.arange(5).to(torch.uint32), "module.u64": torch.arange(5).to(torch.uint64),
+    }
+    save_file(dtypes, directory / "dtypes.safetensors")
+    paths["every dtype"] = str(directory / "dtypes.safetensors")
+    return paths
+
+
+def by_libraries(path: str) -> dict[str, torch.Tensor]:
+    """What safetensors and torch.load read from ``path``'s files, merged in the index's
+    order, wrapper prefix stripped: the reference no pyckpt code touches."""
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        index = next((name for name in names if name.endswith(".index.json")), None)
+        path = os.path.join(path, index or "model.safetensors")
+    if path.endswith(".index.json"):
+        weight_map = json.load(open(path))["weight_map"]
+        merged: dict[str, torch.Tensor] = {}
+        for shard in dict.fromkeys(weight_map.values()):
+            shard_path = os.path.join(os.path.dirname(path), shard)
+            merged.update(load_file(shard_path) if shard.endswith(".safetensors") else torch.load(shard_path))
+        state = {key: merged[key] for key in weight_map}
+    else:
+        state = load_file(path)
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+LAYOUTS = ["safetensors", "single-file directory", "safetensors shards", "bin shards", "mixed shards", "every dtype"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_program_loads_every_layout_like_python(program: str, layouts: dict[str, str], layout: str) -> None:
+    for mode in ([], ["cpu", "mmap"]):
+        done = run_program(program, "load", layouts[layout], *mode)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == expected_lines(pyckpt.load(layouts[layout], strip_prefix="auto")), mode
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ops_read_every_layout_as_the_libraries_do(layouts: dict[str, str], layout: str) -> None:
+    from compare import assert_same
+
+    got = torch.ops.pyckpt.load_state_dict(layouts[layout])
+    expected = by_libraries(layouts[layout])
+    if "shards" in layout:
+        assert list(got) == list(expected)  # the index's order
+    assert_same(expected, dict(got))
+
+
+def test_ops_read_header_escapes_as_python_json(tmp_path) -> None:
+    """Keys written with JSON escapes (\\u, surrogate pairs, quotes, control characters) and a
+    header padded with spaces, as safetensors pads it: the C++ reader gives json.loads' keys."""
+    names = ["plain", "caf\u00e9", "line\nbreak", 'quote"d', "back\\slash", "emoji\U0001F600", "tab\t/slash"]
+    entries = ", ".join(f'{json.dumps(name)}: {{"dtype": "F32", "shape": [1], "data_offsets": [{4 * i}, {4 * i + 4}]}}'
+                        for i, name in enumerate(names))
+    header = ("{" + entries + ', "__metadata__": {"k": "v\\u00e9"}}').encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "escaped.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + torch.arange(len(names), dtype=torch.float32).numpy().tobytes())
+    got = torch.ops.pyckpt.load_state_dict(str(path), "")
+    assert list(got) == list(json.loads(header))[:-1] == names
+    assert [float(value) for value in got.values()] == list(range(len(names)))
+    assert list(got) == list(load_file(path)) == list(pyckpt.load(path))
+
+
+def test_ops_bound_the_json_they_parse(tmp_path) -> None:
+    """A header of millions of tiny values would cost C++ ~100 bytes each: refused past 4M."""
+    header = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "pad": [' + b"0," * (1 << 22) + b"0]}"
+    path = tmp_path / "wide.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(RuntimeError, match="safetensors header holds more than 4194304 JSON values"):
+        torch.ops.pyckpt.load_state_dict(str(path))
+
+
+def test_program_fills_existing_tensors_from_shards(program: str, layouts: dict[str, str]) -> None:
+    done = run_program(program, "into", layouts["mixed shards"])
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    expected = by_libraries(layouts["mixed shards"])
+    got = {line.split("\t")[0]: line.split("\t")[-1] for line in lines if not line.startswith("missing")}
+    assert {key: got[key] for key in expected} == {key: str(checksum(value)) for key, value in expected.items()}
+    assert lines[-1] == "missing\tnot.in.the.checkpoint"
+
+
+def test_ops_load_into_casts_from_shards(layouts: dict[str, str]) -> None:
+    expected = by_libraries(layouts["safetensors shards"])
+    targets = {key: torch.zeros_like(value, dtype=torch.float64) for key, value in expected.items()
+               if value.is_floating_point()}
+    assert torch.ops.pyckpt.load_into(layouts["safetensors shards"], targets) == []
+    assert all(torch.equal(targets[key], expected[key].double()) for key in targets)
+
+
+def test_ops_refuse_lying_shard_indexes(tmp_path) -> None:
+    """The Python package's lying indexes, refused by C++ with the same words, naming the path."""
+    for name, (directory, message) in lying_sharded_checkpoints(tmp_path).items():
+        with pytest.raises(RuntimeError) as raised:
+            torch.ops.pyckpt.load_state_dict(str(directory))
+        assert message in str(raised.value), f"{name}: {raised.value}"
+        assert str(directory) in str(raised.value), name
+
+
+def test_ops_name_the_damaged_shard_and_span_renaming_across_shards(tmp_path) -> None:
+    state = dp_state_dict()
+    directory = os.path.dirname(write_sharded(tmp_path / "cut", state, shard_keys=thirds(list(state)),
+                                              kinds=["safetensors"] * 3))
+    second = os.path.join(directory, "model-00002-of-00003.safetensors")
+    os.truncate(second, os.path.getsize(second) - 4)
+    with pytest.raises(RuntimeError, match="shard 'model-00002-of-00003.safetensors': .*data") as raised:
+        torch.ops.pyckpt.load_state_dict(directory)
+    assert directory in str(raised.value)
+    colliding = os.path.dirname(write_sharded(tmp_path / "collide", {"module.w": torch.ones(2), "w": torch.zeros(2)},
+                                              shard_keys=[["module.w"], ["w"]], kinds=["safetensors"] * 2))
+    with pytest.raises(RuntimeError, match="keys 'module.w' and 'w' both become 'w'"):
+        torch.ops.pyckpt.load_state_dict(colliding)
+    assert list(torch.ops.pyckpt.load_state_dict(colliding, "")) == ["module.w", "w"]
 
 
 # --- the operators ----------------------------------------------------------------------------
@@ -335,3 +495,17 @@ def test_cuda_ops_through_the_ring(checkpoints: dict[str, str]) -> None:
     plain = {k: v.detach().requires_grad_(v.requires_grad) if isinstance(v, nn.Parameter) else v
              for k, v in expected.items()}
     assert_same(plain, dict(got))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["mixed shards", "every dtype"])
+def test_cuda_ops_read_shards_and_safetensors_through_the_ring(layouts: dict[str, str], layout: str) -> None:
+    from compare import assert_same
+
+    expected = {key: value.cuda() for key, value in by_libraries(layouts[layout]).items()}
+    assert_same(expected, dict(torch.ops.pyckpt.load_state_dict(layouts[layout], "auto", torch.device("cuda"))))
+    targets = {key: torch.zeros_like(value) for key, value in expected.items()}  # read straight in, per shard
+    assert torch.ops.pyckpt.load_into(layouts[layout], targets) == []
+    as_bytes = lambda t: t.reshape(-1).view(torch.uint8)  # noqa: E731 (float8 and uint64 have no equal on CUDA)
+    assert all(torch.equal(as_bytes(targets[key]), as_bytes(expected[key])) for key in expected)

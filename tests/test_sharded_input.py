@@ -5,7 +5,6 @@ errors span the shards; every lie of the index is a CheckpointError naming the f
 
 from __future__ import annotations
 
-import json
 import os
 
 import factory
@@ -13,30 +12,10 @@ import pytest
 import torch
 from compare import assert_same
 from safetensors.torch import load_file, save_file
+from sharded_cases import lying_sharded_checkpoints, rewrite_index, write_sharded
 from torch import nn
 
 import pyckpt
-
-
-def write_sharded(directory, state_dict, *, shard_keys: list[list[str]], kinds: list[str], index_name=None):
-    """HF-style shards: ``kinds[i]`` ("safetensors" or "bin") for the keys ``shard_keys[i]``."""
-    os.makedirs(directory, exist_ok=True)
-    count = len(shard_keys)
-    weight_map = {}
-    for number, (keys, kind) in enumerate(zip(shard_keys, kinds), start=1):
-        name = f"model-{number:05d}-of-{count:05d}." + ("safetensors" if kind == "safetensors" else "bin")
-        part = {key: state_dict[key].clone() for key in keys}  # safetensors refuses tied weights
-        if kind == "safetensors":
-            save_file(part, os.path.join(directory, name))
-        else:
-            torch.save(part, os.path.join(directory, name))
-        weight_map.update({key: name for key in keys})
-    ordered = {key: weight_map[key] for key in state_dict if key in weight_map}
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    index_name = index_name or ("model.safetensors.index.json" if kinds[0] == "safetensors" else "pytorch_model.bin.index.json")
-    with open(os.path.join(directory, index_name), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": ordered}, f)
-    return os.path.join(directory, index_name)
 
 
 def dp_state_dict() -> dict[str, torch.Tensor]:
@@ -107,53 +86,9 @@ def test_renaming_collisions_span_the_shards(backend, tmp_path):
     assert "'w'" in str(caught.value)
 
 
-def _rewrite_index(index, change):
-    with open(index) as f:
-        document = json.load(f)
-    change(document)
-    with open(index, "w") as f:
-        json.dump(document, f)
-
-
-def _lying_cases(tmp_path):
-    state_dict = {f"module.l{i}": torch.full((2,), float(i)) for i in range(4)}
-    keys = list(state_dict)
-
-    def made(name, change=None, extra=None):
-        index = write_sharded(tmp_path / name, state_dict, shard_keys=[keys[:2], keys[2:]], kinds=["safetensors"] * 2)
-        if change is not None:
-            _rewrite_index(index, change)
-        if extra is not None:
-            extra(tmp_path / name)
-        return tmp_path / name
-
-    def first_shard(document):
-        return next(iter(document["weight_map"].values()))
-
-    return {
-        "missing shard": (made("missing", extra=lambda d: os.remove(d / "model-00002-of-00002.safetensors")),
-                          "shard 'model-00002-of-00002.safetensors' named by the index is missing"),
-        "dotdot": (made("dotdot", lambda d: d["weight_map"].update({keys[0]: "../outside.safetensors"})),
-                   "shard '../outside.safetensors' is not a file name beside the index"),
-        "absolute": (made("absolute", lambda d: d["weight_map"].update({keys[0]: "/etc/passwd"})),
-                     "shard '/etc/passwd' is not a file name beside the index"),
-        "key in two shards": (made("two", extra=lambda d: save_file(
-            {keys[0]: state_dict[keys[0]], keys[2]: state_dict[keys[2]], keys[3]: state_dict[keys[3]]},
-            d / "model-00002-of-00002.safetensors")),
-            f"keys the index does not list there, e.g. '{keys[0]}' (the index puts it in 'model-00001-of-00002"),
-        "unlisted key": (made("unlisted", lambda d: d["weight_map"].pop(keys[3])),
-                         f"shard holds 1 keys the index does not list there, e.g. '{keys[3]}'"),
-        "listed key absent": (made("absent", lambda d: d["weight_map"].update({"module.ghost": first_shard(d)})),
-                              "the index lists 1 keys in this shard that it does not hold, e.g. 'module.ghost'"),
-        "no weight_map": (made("nomap", lambda d: d.pop("weight_map")), "index has no weight_map"),
-        "not json": (made("notjson", extra=lambda d: (d / "model.safetensors.index.json").write_text("{\"weight_map\": ")),
-                     "index is not valid JSON"),
-    }
-
-
 def test_lying_index_is_refused(backend, tmp_path):
     model = nn.Sequential()
-    for name, (directory, message) in _lying_cases(tmp_path).items():
+    for name, (directory, message) in lying_sharded_checkpoints(tmp_path).items():
         for call in (lambda: pyckpt.load(directory), lambda: pyckpt.load_state_dict(model, directory, strict=False)):
             with pytest.raises(pyckpt.CheckpointError) as caught:
                 call()
@@ -203,6 +138,6 @@ def test_inspect_and_verify_a_sharded_directory(backend, tmp_path):
     report = verify_checkpoint(tmp_path / "m")
     assert report.ok and report.format == "sharded" and report.tensors == len(state_dict)
     assert report.records > 0  # the .bin shards' records were CRC-checked
-    _rewrite_index(index, lambda d: d["weight_map"].update({"module.ghost": d["weight_map"]["module.scale"]}))
+    rewrite_index(index, lambda d: d["weight_map"].update({"module.ghost": d["weight_map"]["module.scale"]}))
     report = verify_checkpoint(tmp_path / "m")
     assert not report.ok and "'module.ghost'" in report.problems[0]

@@ -1,7 +1,8 @@
-// pyckpt's C++ API (include/pyckpt/pyckpt.h): the state-dict subset of torch.save's format,
-// interpreted in C++ over the same restricted unpickler and zip index the Python package
-// uses. The pickle's tree stays symbolic (index/pickle_vm.h); this file reads only what a
-// state dict is made of: (Ordered)Dicts of rebuilt tensors and Parameters over persistent
+// pyckpt's C++ API (include/pyckpt/pyckpt.h): a state dict from a torch zip file, a
+// safetensors file or a Hugging Face directory of shards (api/checkpoint_files.h finds and
+// indexes them), renamed, then read into host or device memory. Torch files go through the
+// same restricted unpickler and zip index the Python package uses, and only what a state dict
+// is made of is accepted: (Ordered)Dicts of rebuilt tensors and Parameters over persistent
 // storages. Anything else under the state dict (quantized or sparse tensors, conj/neg bits,
 // opaque objects, compressed records, big-endian files) is refused, never approximated.
 #include <ATen/ATen.h>
@@ -9,16 +10,14 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <fcntl.h>
-#include <map>
+#include <cstring>
 #include <memory>
 #include <regex>
 #include <thread>
-#include <unistd.h>
 #include <unordered_map>
 #include <unordered_set>
 
-#include "api/state_dict_tree.h"
+#include "api/checkpoint_files.h"
 #include "core/error.h"
 #include "device/ring_loader.h"
 #include "index/zip_index.h"
@@ -28,24 +27,6 @@
 
 namespace pyckpt {
 namespace {
-
-class OpenFile {
- public:
-  explicit OpenFile(const std::string& path) : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
-    if (fd_ < 0) fail("cannot open the file: " + std::string(std::strerror(errno)));
-    const off_t size = ::lseek(fd_, 0, SEEK_END);
-    if (size < 0) fail("cannot read the file's size: " + std::string(std::strerror(errno)));
-    source_ = std::make_unique<FdSource>(fd_, static_cast<uint64_t>(size));
-  }
-  ~OpenFile() { ::close(fd_); }
-  OpenFile(const OpenFile&) = delete;
-  OpenFile& operator=(const OpenFile&) = delete;
-  const ByteSource& source() const { return *source_; }
-
- private:
-  int fd_;
-  std::unique_ptr<FdSource> source_;
-};
 
 int reader_threads() { return static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 8u)); }
 
@@ -90,47 +71,40 @@ std::string renamed(const std::string& key, const LoadOptions& options,
 }
 
 // Each storage the state dict uses, as host or device memory (shared by every tensor over it).
-std::unordered_map<std::string, at::Storage> read_storages(const std::string& path, const ByteSource& source,
-                                                           const ZipIndexView& zip,
-                                                           const std::vector<StorageUse>& uses,
+std::unordered_map<std::string, at::Storage> read_storages(const CheckpointContents& contents,
+                                                           const std::vector<std::string>& used,
                                                            const LoadOptions& options) {
   const bool to_cuda = options.device && options.device->is_cuda();
   if (options.device && !to_cuda && !options.device->is_cpu()) {
     fail("device " + options.device->str() + " is not supported by the C++ API (cpu or cuda)");
   }
   std::unordered_map<std::string, at::Storage> storages;
-  std::shared_ptr<MappedFile> mapping;
-  std::vector<ReadJob> reads;
-  std::vector<DevicePiece> pieces;
-  for (const StorageUse& use : uses) {
-    if (storages.count(use.key)) continue;
-    const ZipEntry& entry = zip.storage_entry(use.key);
-    if (entry.method != kMethodStored) {
-      fail("storage '" + use.key + "' is a compressed record: only the Python package inflates them", entry.name);
-    }
-    if (entry.size != use.nbytes) {
-      fail("storage '" + use.key + "' holds " + std::to_string(entry.size) + " bytes, the pickle says " +
-               std::to_string(use.nbytes),
-           entry.name);
-    }
-    source.check_range(entry.data_offset, entry.size, "storage record");
+  std::vector<std::shared_ptr<MappedFile>> mappings(contents.files.size());
+  std::vector<std::vector<ReadJob>> reads(contents.files.size());
+  std::vector<std::vector<DevicePiece>> pieces(contents.files.size());
+  for (const std::string& key : used) {
+    if (storages.count(key)) continue;
+    const StoragePlace& place = contents.storages.at(key);
+    const auto nbytes = static_cast<int64_t>(place.nbytes);
     at::Tensor bytes;
     if (to_cuda) {
-      bytes = at::empty({static_cast<int64_t>(use.nbytes)}, at::TensorOptions().dtype(at::kByte).device(*options.device));
-      if (use.nbytes) pieces.push_back({entry.data_offset, use.nbytes, bytes, 0});
-    } else if (options.mmap && entry.data_offset % 64 == 0 && use.nbytes) {
-      if (!mapping) mapping = MappedFile::open(path);
-      uint8_t* start = mapping->data() + entry.data_offset;
-      bytes = at::from_blob(start, {static_cast<int64_t>(use.nbytes)}, [mapping](void*) {},
+      bytes = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).device(*options.device));
+      if (nbytes) pieces[place.file].push_back({place.offset, place.nbytes, bytes, 0});
+    } else if (options.mmap && place.offset % place.view_alignment == 0 && nbytes) {
+      auto& mapping = mappings[place.file];
+      if (!mapping) mapping = MappedFile::open(contents.files[place.file]->path());
+      bytes = at::from_blob(mapping->data() + place.offset, {nbytes}, [mapping](void*) {},
                             at::TensorOptions().dtype(at::kByte));
     } else {
-      bytes = at::empty({static_cast<int64_t>(use.nbytes)}, at::TensorOptions().dtype(at::kByte));
-      if (use.nbytes) reads.push_back({entry.data_offset, use.nbytes, bytes.data_ptr<uint8_t>()});
+      bytes = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte));
+      if (nbytes) reads[place.file].push_back({place.offset, place.nbytes, bytes.data_ptr<uint8_t>()});
     }
-    storages.emplace(use.key, bytes.storage());
+    storages.emplace(key, bytes.storage());
   }
-  if (!reads.empty()) parallel_read(source, reads, reader_threads());
-  if (!pieces.empty()) copy_through_ring(source, pieces, RingConfig{}, *options.device);
+  for (size_t file = 0; file < contents.files.size(); ++file) {
+    if (!reads[file].empty()) parallel_read(contents.source(file), reads[file], reader_threads());
+    if (!pieces[file].empty()) copy_through_ring(contents.source(file), pieces[file], RingConfig{}, *options.device);
+  }
   return storages;
 }
 
@@ -153,15 +127,14 @@ bool is_row_major(const TensorSpec& tensor) {
 // A checkpoint opened and indexed, with its state dict's keys as the options rename them.
 struct OpenCheckpoint {
   OpenCheckpoint(const std::string& path, const LoadOptions& options)
-      : rules(compiled(options)), file(path), zip(file.source(), reader_threads()),
-        spec(read_state_dict_spec(file.source(), zip)) {
-    std::unordered_set<std::string> seen;
-    for (const auto& [key, tensor] : spec.tensors) {
+      : rules(compiled(options)), contents(open_checkpoint(path, reader_threads())) {
+    std::unordered_map<std::string, const std::string*> origin;  // renamed key -> the key it came from
+    for (const auto& [key, tensor] : contents.tensors) {
       names.push_back(renamed(key, options, rules));
-      if (!seen.insert(names.back()).second) fail("keys '" + key + "' and another both become '" + names.back() + "'");
+      const auto [first, fresh] = origin.emplace(names.back(), &key);
+      if (!fresh) fail("keys '" + *first->second + "' and '" + key + "' both become '" + names.back() + "'");
     }
   }
-  const ByteSource& source() const { return file.source(); }
 
   // Compiled first: a bad pattern is reported before the file is opened.
   static std::vector<std::pair<std::regex, std::string>> compiled(const LoadOptions& options) {
@@ -171,10 +144,8 @@ struct OpenCheckpoint {
   }
 
   std::vector<std::pair<std::regex, std::string>> rules;
-  OpenFile file;
-  ZipIndexView zip;
-  StateDictSpec spec;
-  std::vector<std::string> names;  // spec.tensors' keys, renamed
+  CheckpointContents contents;
+  std::vector<std::string> names;  // contents.tensors' keys, renamed
 };
 
 template <typename Body>
@@ -200,10 +171,13 @@ auto with_path(const std::string& path, Body body) -> decltype(body()) {
 c10::Dict<std::string, at::Tensor> load_state_dict(const std::string& path, const LoadOptions& options) {
   return with_path(path, [&] {
     const OpenCheckpoint checkpoint(path, options);
-    const auto storages = read_storages(path, checkpoint.source(), checkpoint.zip, checkpoint.spec.storages, options);
+    const auto& tensors = checkpoint.contents.tensors;
+    std::vector<std::string> used;
+    for (const auto& [key, tensor] : tensors) used.push_back(tensor.storage);
+    const auto storages = read_storages(checkpoint.contents, used, options);
     c10::Dict<std::string, at::Tensor> out;
-    for (size_t i = 0; i < checkpoint.spec.tensors.size(); ++i) {
-      const TensorSpec& tensor = checkpoint.spec.tensors[i].second;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const TensorSpec& tensor = tensors[i].second;
       out.insert(checkpoint.names[i], make_tensor(tensor, storages.at(tensor.storage)));
     }
     return out;
@@ -214,21 +188,18 @@ std::vector<std::string> load_into(const std::string& path, c10::Dict<std::strin
                                    const LoadOptions& options) {
   return with_path(path, [&] {
     const OpenCheckpoint checkpoint(path, options);
-    const ZipIndexView& zip = checkpoint.zip;
-    const StateDictSpec& spec = checkpoint.spec;
+    const CheckpointContents& contents = checkpoint.contents;
     std::unordered_map<std::string, size_t> by_name;
     std::unordered_map<std::string, size_t> by_canonical;
-    for (size_t i = 0; i < spec.tensors.size(); ++i) {
+    for (size_t i = 0; i < contents.tensors.size(); ++i) {
       by_name.emplace(checkpoint.names[i], i);
       by_canonical.emplace(strip_auto(checkpoint.names[i]), i);
     }
-    std::unordered_map<std::string, uint64_t> storage_bytes;
-    for (const StorageUse& use : spec.storages) storage_bytes.emplace(use.key, use.nbytes);
 
     // Targets whose bytes lie as they are in the file are read straight into (CPU: parallel
     // reads; CUDA: the pinned ring); the others are copied, casting, from a mapping.
-    std::vector<ReadJob> reads;
-    std::unordered_map<c10::Device, std::vector<DevicePiece>> pieces;
+    std::vector<std::vector<ReadJob>> reads(contents.files.size());
+    std::vector<std::unordered_map<c10::Device, std::vector<DevicePiece>>> pieces(contents.files.size());
     std::vector<std::pair<at::Tensor, size_t>> copies;
     std::vector<std::string> missing;
     for (const auto& item : targets) {
@@ -239,43 +210,46 @@ std::vector<std::string> load_into(const std::string& path, c10::Dict<std::strin
         continue;
       }
       const size_t index = exact != by_name.end() ? exact->second : canonical->second;
-      const TensorSpec& tensor = spec.tensors[index].second;
+      const TensorSpec& tensor = contents.tensors[index].second;
       at::Tensor target = item.value();
       TORCH_CHECK(target.sizes().vec() == tensor.size, "pyckpt: ", path, ": key '", item.key(), "' has shape ",
                   at::IntArrayRef(tensor.size), " in the checkpoint and ", target.sizes(), " in the target");
-      const ZipEntry& entry = zip.storage_entry(tensor.storage);
+      const StoragePlace& place = contents.storages.at(tensor.storage);
       const uint64_t width = c10::elementSize(tensor.dtype);
       const uint64_t nbytes = static_cast<uint64_t>(target.numel()) * width;
-      const bool raw = entry.method == kMethodStored && entry.size == storage_bytes.at(tensor.storage) &&
-                       target.scalar_type() == tensor.dtype && target.layout() == at::kStrided &&
-                       target.is_contiguous() && !target.is_conj() && !target.is_neg() &&
-                       is_row_major(tensor) && (target.is_cpu() || target.is_cuda());
+      const bool raw = target.scalar_type() == tensor.dtype && target.layout() == at::kStrided &&
+                       target.is_contiguous() && !target.is_conj() && !target.is_neg() && is_row_major(tensor) &&
+                       (target.is_cpu() || target.is_cuda());
       if (!raw || nbytes == 0) {
         copies.emplace_back(target, index);
         continue;
       }
-      const uint64_t offset = entry.data_offset + static_cast<uint64_t>(tensor.offset) * width;
-      checkpoint.source().check_range(offset, nbytes, "tensor");
+      const uint64_t offset = place.offset + static_cast<uint64_t>(tensor.offset) * width;
+      contents.source(place.file).check_range(offset, nbytes, "tensor");
       if (target.is_cpu()) {
-        reads.push_back({offset, nbytes, static_cast<uint8_t*>(target.data_ptr())});
+        reads[place.file].push_back({offset, nbytes, static_cast<uint8_t*>(target.data_ptr())});
       } else {
-        pieces[target.device()].push_back({offset, nbytes, target.detach().view({-1}).view(at::kByte), 0});
+        pieces[place.file][target.device()].push_back(
+            {offset, nbytes, target.detach().view({-1}).view(at::kByte), 0});
       }
     }
-    if (!reads.empty()) parallel_read(checkpoint.source(), reads, reader_threads());
-    for (const auto& [device, device_pieces] : pieces) copy_through_ring(checkpoint.source(), device_pieces, RingConfig{}, device);
-    if (!copies.empty()) {
-      std::vector<StorageUse> uses;
-      for (const auto& [target, index] : copies) {
-        const std::string& key = spec.tensors[index].second.storage;
-        uses.push_back({key, storage_bytes.at(key)});
+    for (size_t file = 0; file < contents.files.size(); ++file) {
+      if (!reads[file].empty()) parallel_read(contents.source(file), reads[file], reader_threads());
+    }
+    for (size_t file = 0; file < contents.files.size(); ++file) {
+      for (const auto& [device, device_pieces] : pieces[file]) {
+        copy_through_ring(contents.source(file), device_pieces, RingConfig{}, device);
       }
+    }
+    if (!copies.empty()) {
+      std::vector<std::string> used;
+      for (const auto& [target, index] : copies) used.push_back(contents.tensors[index].second.storage);
       LoadOptions mapped;
       mapped.mmap = true;  // read by the copies themselves, page by page: no host copy of the file
-      const auto storages = read_storages(path, checkpoint.source(), zip, uses, mapped);
+      const auto storages = read_storages(contents, used, mapped);
       c10::AutoGradMode no_grad(false);  // filling parameters in place, as torch.no_grad() would
       for (auto& [target, index] : copies) {
-        const TensorSpec& tensor = spec.tensors[index].second;
+        const TensorSpec& tensor = contents.tensors[index].second;
         target.copy_(make_tensor(tensor, storages.at(tensor.storage)));
       }
     }

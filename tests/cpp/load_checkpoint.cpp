@@ -1,8 +1,10 @@
 // A C++ program using pyckpt's C++ API with no Python in the process (tests/test_cpp_api.py
 // compiles and runs it).
 //
-//   load_checkpoint load PATH [DEVICE]  one line per tensor: key, dtype, sizes, strides, the
-//                                       index of the first tensor sharing its storage, checksum
+//   load_checkpoint load PATH [DEVICE [mmap]]
+//                                       one line per tensor: key, dtype, sizes, strides, the
+//                                       index of the first tensor sharing its storage, checksum;
+//                                       PATH is a file, a model directory or a shard index
 //   load_checkpoint into PATH           fills zeroed tensors of the checkpoint's shapes through
 //                                       load_into; prints their checksums, then the keys missing
 //   load_checkpoint attack PATH...      loads each file; "error" with the message, or "ok"
@@ -35,7 +37,7 @@ void print_tensors(const c10::Dict<std::string, at::Tensor>& tensors) {
   for (const auto& item : tensors) {
     const at::Tensor& t = item.value();
     const void* storage = t.storage().data();
-    const size_t sharer = first_user.emplace(storage, index).first->second;
+    const size_t sharer = t.storage().nbytes() ? first_user.emplace(storage, index).first->second : index;
     std::cout << item.key() << '\t' << c10::toString(t.scalar_type()) << '\t' << join(t.sizes()) << '\t' << join(t.strides())
               << '\t' << t.storage_offset() << '\t' << sharer << '\t' << t.device().str() << '\t' << checksum(t)
               << '\n';
@@ -55,6 +57,7 @@ int main(int argc, char** argv) {
     if (mode == "load") {
       pyckpt::LoadOptions options;
       if (argc > 3) options.device = c10::Device(argv[3]);
+      options.mmap = argc > 4 && std::string(argv[4]) == "mmap";
       print_tensors(pyckpt::load_state_dict(argv[2], options));
     } else if (mode == "into") {
       c10::Dict<std::string, at::Tensor> targets;

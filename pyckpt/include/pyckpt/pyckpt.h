@@ -1,5 +1,7 @@
-// pyckpt's C++ API: a torch.save checkpoint's state dict, read without Python and without
-// running pickle, its wrapper prefixes ("module.", "_orig_mod.", FSDP segments) stripped.
+// pyckpt's C++ API: a checkpoint's state dict, read without Python and without running
+// pickle, its wrapper prefixes ("module.", "_orig_mod.", FSDP segments) stripped. `path` is a
+// torch.save file, a safetensors file, or a Hugging Face model directory / shard index
+// (model.safetensors.index.json, pytorch_model.bin.index.json) with shards of either kind.
 //
 //   #include <pyckpt/pyckpt.h>
 //   pyckpt::LoadOptions options;
@@ -38,7 +40,8 @@ struct LoadOptions {
 };
 
 // The checkpoint's state dict (the root, or a training checkpoint's "state_dict", "model"...
-// entry), in the file's key order, tensors sharing storage as they were saved. A Parameter
+// entry), in the file's key order (a safetensors file's data order; a shard index's order),
+// tensors sharing storage as they were saved. A Parameter
 // comes back as a tensor (C++ has no Parameter type) with its requires_grad.
 c10::Dict<std::string, at::Tensor> load_state_dict(const std::string& path, const LoadOptions& options = {});
 
