@@ -210,41 +210,41 @@ class Parser {
     }
   }
 
+  // After the opening bracket: true when the container closes at once.
+  bool closes_empty(char close) {
+    ++at_;
+    skip_space();
+    if (at_ < s_.size() && s_[at_] == close) {
+      ++at_;
+      return true;
+    }
+    return false;
+  }
+
+  // After an item: true when another follows (a comma), false when the container closes.
+  bool another_item(char close) {
+    skip_space();
+    if (at_ < s_.size() && (s_[at_] == ',' || s_[at_] == close)) return s_[at_++] == ',';
+    invalid("expecting ',' delimiter");
+  }
+
   JsonValue parse_array(int depth) {
     JsonValue value;
     value.type = JsonValue::Type::kArray;
-    ++at_;
-    skip_space();
-    if (at_ < s_.size() && s_[at_] == ']') {
-      ++at_;
-      return value;
-    }
-    while (true) {
+    if (closes_empty(']')) return value;
+    do {
       skip_space();
       value.items.push_back(parse_value(depth));
-      skip_space();
-      if (at_ < s_.size() && s_[at_] == ',') {
-        ++at_;
-      } else if (at_ < s_.size() && s_[at_] == ']') {
-        ++at_;
-        return value;
-      } else {
-        invalid("expecting ',' delimiter");
-      }
-    }
+    } while (another_item(']'));
+    return value;
   }
 
   JsonValue parse_object(int depth) {
     JsonValue value;
     value.type = JsonValue::Type::kObject;
+    if (closes_empty('}')) return value;
     std::unordered_set<std::string> names;
-    ++at_;
-    skip_space();
-    if (at_ < s_.size() && s_[at_] == '}') {
-      ++at_;
-      return value;
-    }
-    while (true) {
+    do {
       skip_space();
       if (at_ >= s_.size() || s_[at_] != '"') invalid("expecting property name enclosed in double quotes");
       std::string name = parse_string();
@@ -255,16 +255,8 @@ class Parser {
       JsonValue member = parse_value(depth);
       if (!names.insert(name).second) fail(what_ + " names '" + name + "' twice");
       value.members.emplace_back(std::move(name), std::move(member));
-      skip_space();
-      if (at_ < s_.size() && s_[at_] == ',') {
-        ++at_;
-      } else if (at_ < s_.size() && s_[at_] == '}') {
-        ++at_;
-        return value;
-      } else {
-        invalid("expecting ',' delimiter");
-      }
-    }
+    } while (another_item('}'));
+    return value;
   }
 
   const std::string& s_;
