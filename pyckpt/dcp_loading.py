@@ -1,16 +1,20 @@
-"""``pyckpt.load`` of a ``torch.distributed.checkpoint`` directory, with no process group.
+"""``pyckpt.load`` and ``load_state_dict`` of a ``torch.distributed.checkpoint`` directory.
 
 Gives what ``dcp_to_torch_save`` writes, loaded back: the same nesting (rebuilt from the
 metadata's ``planner_data``), every tensor assembled from its chunks and every other value
 from its own small torch file. Each chunk is a torch zip inside a ``.distcp`` file; it is
-read with the same restricted loader as any checkpoint, so nothing in it runs.
+read with the same restricted loader as any checkpoint, so nothing in it runs. On a process
+group, the chunk bytes that go straight into place are read once across the ranks
+(``execute.cooperative``); chunks that must be loaded whole are read by each rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
-from typing import Any
+import zlib
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +24,8 @@ from ._device import MapLocation, location_device, target_location
 from .errors import CheckpointError
 from .boxes import box_runs, intersect, is_dtensor, local_box, wrap_local
 from .dtensor_loading import readable_by_range
+from .execute.cpu import CopyJob
+from .execute.fill_jobs import FillJobs
 from .index.dcp_format import ChunkPlace, DcpTensor, chunk_source, read_dcp_metadata, set_element
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index import index_source
@@ -33,12 +39,18 @@ from .sinks.model_driver import load_into_model
 from .rename import find_state_dict, rename_state_dict
 from .sinks.torch_values import takes_bytes_as_they_are, torch_dtype
 
+if TYPE_CHECKING:
+    from .execute.cooperative import GroupLoad
+
 
 # (placeholder, destination, start): the destination holds the box of its shape at ``start``
 Fill = tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]
 
 
-def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str, target: DType | None = None) -> dict[str, Any]:
+def load_dcp(
+    directory: str, map_location: MapLocation, unknown_globals: str, target: DType | None = None,
+    session: GroupLoad | None = None,
+) -> dict[str, Any]:
     """Every entry, tensors assembled from their chunks (each chunk cast to ``target`` as it is read)."""
     device = dcp_device(map_location)
     with DcpSkeleton(directory, unknown_globals, map_location) as skeleton:
@@ -47,7 +59,7 @@ def load_dcp(directory: str, map_location: MapLocation, unknown_globals: str, ta
             dtype = target if casts(entry.dtype, target) else entry.dtype
             value = torch.empty(entry.size, dtype=torch_dtype(dtype), device=device)  # type: ignore[arg-type]
             fills.append((placeholder, value, (0,) * value.dim()))
-        skeleton.fill(fills, target)
+        skeleton.fill(fills, target, session)
         return skeleton.replaced({id(placeholder): value for placeholder, value, _ in fills})
 
 
@@ -60,6 +72,7 @@ def load_dcp_into(
     strict: bool,
     assign: bool,
     map_location: MapLocation,
+    session: GroupLoad | None = None,
 ) -> Any:
     """A DCP directory into ``model``: the state dict is found and renamed on a skeleton of
     meta tensors, then each tensor's chunks are assembled straight into the parameter it
@@ -90,7 +103,7 @@ def load_dcp_into(
             destination = target.detach() if in_place else torch.empty(value.shape, dtype=value.dtype, device=staged_device)
             fills.append((value, destination, (0,) * value.dim()))
             final[name] = target if in_place else destination
-        skeleton.fill(fills)
+        skeleton.fill(fills, session=session)
     metadata = getattr(renamed, "_metadata", None)
     if metadata is not None:
         final._metadata = metadata  # type: ignore[attr-defined]
@@ -138,7 +151,7 @@ class DcpSkeleton:
             self.close()
             raise
 
-    def fill(self, fills: list[Fill], target: DType | None = None) -> None:
+    def fill(self, fills: list[Fill], target: DType | None = None, session: GroupLoad | None = None) -> None:
         """Assemble each placeholder's chunks into its destination, the box of the tensor of
         the destination's shape at ``start`` (all of it, or a DTensor's local shard), on any
         device; ``copy_`` casts where the dtypes differ, as ``param.copy_`` would. Only the
@@ -148,8 +161,9 @@ class DcpSkeleton:
         host memory of their dtype, the part of the chunk inside the box is read straight
         into place, run by run, with the parallel reads a torch file gets (the chunk's
         storage found by indexing its small zip in place); other chunks are loaded whole and
-        their part copied, one chunk at a time."""
-        reads: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        their part copied, one chunk at a time. On a process group (``session``) the ranks
+        share the direct reads, each reading about 1/N of them."""
+        reads: dict[str, FillJobs] = {}
         for placeholder, destination, start in fills:
             _, entry, key = self.tensors[id(placeholder)]
             expected = torch_dtype(target if casts(entry.dtype, target) else entry.dtype)  # type: ignore[arg-type]
@@ -169,16 +183,23 @@ class DcpSkeleton:
                     )
                 with torch.no_grad():
                     destination[_slices(at, size, start)] = part[_slices(at, size, chunk.offsets)]
-        for path, jobs in reads.items():
-            source = FileSource(path)
-            try:
-                current_backend().read_into(source, jobs)
-            finally:
+        sources = []
+        try:
+            for path in reads:
+                sources.append(FileSource(path))
+            if session is None:
+                for source, jobs in zip(sources, reads.values()):
+                    jobs.run(source, current_backend(), None)
+            else:  # every rank calls this, with or without reads of its own
+                session.share([(source, (source.size, _chunk_digest(jobs.host))) for source, jobs in zip(sources, reads.values())],
+                              list(reads.values()))
+        finally:
+            for source in sources:
                 source.close()
 
     def _plan_reads(
         self, chunk: ChunkPlace, entry: DcpTensor, destination: torch.Tensor, start: tuple[int, ...],
-        at: tuple[int, ...], size: tuple[int, ...], reads: dict[str, list[tuple[int, torch.Tensor]]],
+        at: tuple[int, ...], size: tuple[int, ...], reads: dict[str, FillJobs],
     ) -> bool:
         """Plan reading the chunk's part ``(at, size)`` straight into the destination, if its
         bytes can be read as they are (else False)."""
@@ -198,11 +219,12 @@ class DcpSkeleton:
             size, chunk.sizes, tuple(a - o for a, o in zip(at, chunk.offsets)),
             tuple(destination.shape), tuple(a - s for a, s in zip(at, start)),
         )
-        base = chunk.offset + storage.data_offset + record.storage_offset * width
+        in_file = dataclasses.replace(storage, data_offset=chunk.offset + storage.data_offset)  # the chunk's place
+        base = record.storage_offset * width
         dest = destination.reshape(-1).view(torch.uint8)
-        jobs = reads.setdefault(chunk.file, [])
+        jobs = reads.setdefault(chunk.file, FillJobs()).host
         for source_at, dest_at in zip((runs.source * width).tolist(), (runs.dest * width).tolist()):
-            jobs.append((base + source_at, dest[dest_at : dest_at + runs.length * width]))
+            jobs.append(CopyJob(in_file, base + source_at, dest[dest_at : dest_at + runs.length * width]))
         return True
 
     def _chunk_root(self, place: ChunkPlace) -> Any:
@@ -246,6 +268,16 @@ class DcpSkeleton:
 
     def __exit__(self, *_: Any) -> None:
         self.close()
+
+
+def _chunk_digest(jobs: list[CopyJob]) -> int:
+    """What ranks compare for a ``.distcp`` file besides its size: the place and CRC-32 of every
+    chunk record read from it, as each chunk's zip gives them (two saves of tensors of the same
+    shapes have the same sizes and ``.metadata``, but not the same CRC-32s)."""
+    digest = 0
+    for record in dict.fromkeys(job.record for job in jobs):
+        digest = zlib.crc32(f"{record.data_offset}:{record.nbytes}:{record.crc32}\n".encode(), digest)
+    return digest
 
 
 def dcp_device(map_location: MapLocation) -> torch.device:

@@ -71,7 +71,7 @@ def load(
             rank calls this): each reads about 1/N of its bytes and the ranks share them by
             broadcast (gloo for host memory, NCCL for CUDA), into tensors of their own memory
             (``mmap=True`` cannot be combined with it). A failure on any rank raises
-            ``CheckpointError`` on every rank. Files and sharded directories.
+            ``CheckpointError`` on every rank. Files, sharded and DCP directories.
     """
     group = check_process_group(process_group)
     if group is not None:
@@ -154,18 +154,20 @@ def _load_on_group(
     f: FileArg, map_location: MapLocation, session: GroupLoad, strip_prefix: str | None, rename: RenameRules | None,
     unknown_globals: str, dtype: Any,
 ) -> Any:
-    """``load`` of one file, or of a sharded directory, its storages read by the ranks of a
-    process group together (one exchange for every file)."""
+    """``load`` of one file, a sharded directory or a DCP directory, its bytes read by the ranks
+    of a process group together (one exchange for every file)."""
     if not isinstance(f, (str, os.PathLike)):
         raise ValueError("process_group needs the checkpoint's path, not a file object")
-    files = checkpoint_files(f)
-    if is_dcp_directory(f if files is None else files):
-        raise ValueError("process_group is not supported for DCP directories")
-    paths = files.shards if isinstance(files, ShardedCheckpoint) else [f if files is None else files]
     policy = policy_for(unknown_globals)
     target = None if dtype is None else cast_target(dtype)
     check_map_location(map_location)
     key_map = make_key_map(_check_strip_prefix(strip_prefix), _check_rules(rename))
+    if is_dcp_directory(f):
+        from .dcp_loading import load_dcp
+
+        return rename_tree(load_dcp(os.fspath(f), map_location, unknown_globals, target, session), key_map)
+    files = checkpoint_files(f)
+    paths = files.shards if isinstance(files, ShardedCheckpoint) else [f if files is None else files]
     backend = current_backend()
     with ExitStack() as opened:
         planned = []

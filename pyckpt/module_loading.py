@@ -100,12 +100,10 @@ def _load_state_dict(
     targets = model.state_dict(keep_vars=True)
     staged_location = "cpu" if map_location is None else map_location
     if is_dcp_directory(f):
-        if session is not None:
-            raise ValueError("process_group is not supported for DCP directories: each rank reads its own chunks")
         from .dcp_loading import load_dcp_into
 
         return load_dcp_into(model, os.fspath(f), targets, key=key, strict=strict, assign=assign,
-                             map_location=map_location)
+                             map_location=map_location, session=session)
     files = checkpoint_files(f)
     sharded = files if isinstance(files, ShardedCheckpoint) else None
     with ExitStack() as opened:

@@ -57,10 +57,14 @@ def make_files(directory: str) -> None:
         model.bn.num_batches_tracked.fill_(7)
     torch.save(nn.DataParallel(model).state_dict(), os.path.join(directory, "dp.pt"))
     torch.save(model.state_dict(), os.path.join(directory, "plain.pt"))
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(model.state_dict(), checkpoint_id=os.path.join(directory, "saved-dcp"), no_dist=True)
     with torch.no_grad():
         model.proj.bias.add_(1)  # the same file but for these bytes: other CRC-32s, same size
     os.mkdir(os.path.join(directory, "other"))  # the same name: torch names the zip's folder after it
     torch.save(nn.DataParallel(model).state_dict(), os.path.join(directory, "other", "dp.pt"))
+    dcp.save(model.state_dict(), checkpoint_id=os.path.join(directory, "other", "saved-dcp"), no_dist=True)
     rezip(os.path.join(directory, "dp.pt"), os.path.join(directory, "deflate.pt"), zipfile.ZIP_DEFLATED)
     pyckpt.convert(os.path.join(directory, "dp.pt"), os.path.join(directory, "model.safetensors"))
     pyckpt.convert(os.path.join(directory, "dp.pt"), os.path.join(directory, "sharded"), max_shard_size="1MB")
@@ -296,6 +300,28 @@ def group_load_sharded_dir(ctx: dict[str, Any]) -> dict[str, Any]:
     return {"wrong": wrong, "read": read, "total": ctx["state_bytes_per_key"]}
 
 
+def group_load_state_dict_dcp(ctx: dict[str, Any]) -> dict[str, Any]:
+    """A DCP directory into a replicated model: the chunk bytes that go straight into the
+    parameters are shared out (DCP keeps the tied tensor once per key, and each is read)."""
+    model = Wide()
+    _, read = measured(lambda: pyckpt.load_state_dict(model, ctx["saved-dcp"], process_group=dist.group.WORLD))
+    return {"wrong": full_equal(model, ctx["expected"]), "read": read, "total": ctx["state_bytes_per_key"]}
+
+
+def group_load_dcp(ctx: dict[str, Any]) -> dict[str, Any]:
+    from compare import assert_same
+
+    alone = pyckpt.load(ctx["saved-dcp"])
+    loaded, read = measured(lambda: pyckpt.load(ctx["saved-dcp"], process_group=dist.group.WORLD))
+    try:
+        assert_same(alone, loaded)
+        assert all(torch.equal(ctx["expected"][key], loaded[key]) for key in ctx["expected"]) and len(loaded) == len(alone)
+        wrong = None
+    except AssertionError as exc:
+        wrong = str(exc)
+    return {"wrong": wrong, "read": read, "total": ctx["state_bytes_per_key"]}
+
+
 def group_small_chunks(ctx: dict[str, Any]) -> dict[str, Any]:
     """64 KiB chunks: big tensors cut in many, small ones packed together."""
     os.environ["PYCKPT_GROUP_CHUNK_MB"] = "1"
@@ -322,6 +348,12 @@ def group_deflate(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def group_other_file_on_last_rank(ctx: dict[str, Any]) -> dict[str, Any]:
     path = ctx["other.pt"] if ctx["rank"] == ctx["world"] - 1 else ctx["dp.pt"]
+    return _error_of(lambda: pyckpt.load_state_dict(Wide(), path, process_group=dist.group.WORLD))
+
+
+def group_other_dcp_on_last_rank(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Another save of the same shapes: same sizes, same .metadata, other chunk CRC-32s."""
+    path = os.path.join(ctx["work"], "other", "saved-dcp") if ctx["rank"] == ctx["world"] - 1 else ctx["saved-dcp"]
     return _error_of(lambda: pyckpt.load_state_dict(Wide(), path, process_group=dist.group.WORLD))
 
 
@@ -366,7 +398,7 @@ def worker(rank: int, world: int, port: int, backend: str, work: str, results: s
     ctx = {"rank": rank, "world": world, "work": work, "expected": expected,
            "state_bytes": unique_bytes(expected.values()),
            "state_bytes_per_key": sum(t.numel() * t.element_size() for t in expected.values())}
-    for name in ("dp.pt", "plain.pt", "deflate.pt", "model.safetensors", "sharded"):
+    for name in ("dp.pt", "plain.pt", "deflate.pt", "model.safetensors", "sharded", "saved-dcp"):
         ctx[name] = os.path.join(work, name)
     ctx["other.pt"] = os.path.join(work, "other", "dp.pt")
     outcomes: dict[str, Any] = {}

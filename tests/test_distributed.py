@@ -132,7 +132,8 @@ def test_dtensor_group_of_different_boxes_is_refused(group: dict) -> None:
 # --- replicated targets: each rank reads about 1/N, the ranks share by broadcast ----------
 
 
-@pytest.mark.parametrize("case", ["group_load_state_dict", "group_load", "group_load_sharded_dir", "group_small_chunks"])
+@pytest.mark.parametrize("case", ["group_load_state_dict", "group_load", "group_load_sharded_dir", "group_small_chunks",
+                                  "group_load_state_dict_dcp", "group_load_dcp"])
 def test_group_reads_one_share_each(group: dict, case: str) -> None:
     world = group["world"]
     for rank, fact in enumerate(facts(group, case)):
@@ -157,6 +158,19 @@ def test_group_refuses_files_that_differ(group: dict, files: str) -> None:
         assert os.path.getsize(files + "/other/dp.pt") == os.path.getsize(files + "/dp.pt")  # the CRCs must tell
         assert f"rank {world - 1}'s copy differs from rank 0's" in fact["error"], fact
         assert "CRC-32s" in fact["error"] and ".pt: " in fact["error"], fact
+
+
+def test_group_refuses_dcp_saves_that_differ(group: dict, files: str) -> None:
+    world = group["world"]
+    sizes = [sorted((name, os.path.getsize(f"{where}/{name}")) for name in os.listdir(where) if name.endswith(".distcp"))
+             for where in (files + "/saved-dcp", files + "/other/saved-dcp")]
+    assert sizes[0] == sizes[1]  # the sizes cannot tell the saves apart: the chunks' CRC-32s must
+    for fact in facts(group, "group_other_dcp_on_last_rank"):
+        if world == 1:
+            assert fact["error"] is None
+            continue
+        assert fact["error_type"] == "CheckpointError"
+        assert f"rank {world - 1}'s copy differs from rank 0's" in fact["error"] and ".distcp: " in fact["error"], fact
 
 
 def test_group_failure_on_one_rank_raises_on_every_rank(group: dict) -> None:
@@ -208,10 +222,12 @@ def test_process_group_argument_checks(backend: str, tmp_path, one_rank_group) -
         pyckpt.load(path, mmap=True, process_group=one_rank_group)
     with pytest.raises(TypeError, match="must be a torch.distributed ProcessGroup"):
         pyckpt.load(path, process_group="world")
-    directory = str(tmp_path / "dcp")
-    dcp.save({"w": torch.arange(6.0)}, checkpoint_id=directory, no_dist=True)
-    with pytest.raises(ValueError, match="not supported for DCP directories"):
-        pyckpt.load_state_dict(torch.nn.Linear(2, 3), directory, process_group=one_rank_group)
+    directory = str(tmp_path / "dcp")  # a DCP directory on a group of one: read as by one process
+    saved = {"weight": torch.arange(6.0).reshape(3, 2), "bias": torch.arange(3.0)}
+    dcp.save(saved, checkpoint_id=directory, no_dist=True)
+    linear = torch.nn.Linear(2, 3)
+    pyckpt.load_state_dict(linear, directory, process_group=one_rank_group)
+    assert torch.equal(linear.weight, saved["weight"]) and torch.equal(linear.bias, saved["bias"])
     loaded = pyckpt.load(path, process_group=one_rank_group)  # the group is still usable after those
     assert torch.equal(loaded["w"], torch.arange(6.0)) and loaded["w"].untyped_storage().nbytes() == 24
 
