@@ -287,17 +287,8 @@ def group_load(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def group_load_sharded_dir(ctx: dict[str, Any]) -> dict[str, Any]:
-    from compare import assert_same
-
-    alone = pyckpt.load(ctx["sharded"], strip_prefix="auto")  # safetensors keep no _metadata: compare to this
-    loaded, read = measured(lambda: pyckpt.load(ctx["sharded"], strip_prefix="auto", process_group=dist.group.WORLD))
-    try:
-        assert_same(alone, loaded)  # safetensors hold a tied tensor twice: no sharing to compare with torch
-        assert all(torch.equal(ctx["expected"][key], loaded[key]) for key in ctx["expected"]) and len(loaded) == len(alone)
-        wrong = None
-    except AssertionError as exc:
-        wrong = str(exc)
-    return {"wrong": wrong, "read": read, "total": ctx["state_bytes_per_key"]}
+    # safetensors keep no _metadata and hold a tied tensor twice: compared with a lone pyckpt load
+    return _group_load_like_alone(ctx, ctx["sharded"], strip_prefix="auto")
 
 
 def group_load_state_dict_dcp(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -309,10 +300,16 @@ def group_load_state_dict_dcp(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def group_load_dcp(ctx: dict[str, Any]) -> dict[str, Any]:
-    from compare import assert_same
+    return _group_load_like_alone(ctx, ctx["saved-dcp"])
 
-    alone = pyckpt.load(ctx["saved-dcp"])
-    loaded, read = measured(lambda: pyckpt.load(ctx["saved-dcp"], process_group=dist.group.WORLD))
+
+def _group_load_like_alone(ctx: dict[str, Any], path: str, **options: Any) -> dict[str, Any]:
+    """``load`` on the group against the same load by this rank alone (values, strides,
+    sharing), and every expected tensor's values; both formats read a tied tensor per key."""
+    from compare import assert_same  # tests/compare.py
+
+    alone = pyckpt.load(path, **options)
+    loaded, read = measured(lambda: pyckpt.load(path, process_group=dist.group.WORLD, **options))
     try:
         assert_same(alone, loaded)
         assert all(torch.equal(ctx["expected"][key], loaded[key]) for key in ctx["expected"]) and len(loaded) == len(alone)
