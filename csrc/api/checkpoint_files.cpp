@@ -84,11 +84,6 @@ Tensors add_file(CheckpointContents& contents, const std::string& path, int thre
                                                   : add_zip_file(contents, file, threads);
 }
 
-std::string base_name(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
-}
-
 }  // namespace
 
 OpenFile::OpenFile(const std::string& path) : path_(path), fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
@@ -121,7 +116,7 @@ CheckpointContents open_checkpoint(const std::string& path, int threads) {
       for (const auto& [key, tensor] : tensors) keys.push_back(key);
       index.check_shard(shard, keys);
     } catch (const CheckpointError& error) {  // name the shard, not only the index
-      throw CheckpointError(error.kind(), "shard '" + base_name(index.shards[shard]) + "': " + error.message(),
+      throw CheckpointError(error.kind(), "shard '" + index.names[shard] + "': " + error.message(),
                             error.record());
     }
     for (auto& [key, tensor] : tensors) found.emplace(key, std::move(tensor));

@@ -43,11 +43,6 @@ std::string join(const std::string& directory, const std::string& name) {
   return directory.empty() || directory.back() == '/' ? directory + name : directory + "/" + name;
 }
 
-std::string base_name(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
-}
-
 // A shard must be a plain file name: nothing that could reach outside the index's directory.
 void check_shard_name(const std::string& name) {
   const bool plain = !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
@@ -85,6 +80,7 @@ ShardIndex read_index(const std::string& index_path) {
       if (!is_file(shard)) fail("shard '" + name.text + "' named by the index is missing");
       found = shard_of_name.emplace(name.text, index.shards.size()).first;
       index.shards.push_back(shard);
+      index.names.push_back(name.text);
     }
     index.weight_map.emplace_back(key, found->second);
   }
@@ -108,7 +104,7 @@ void ShardIndex::check_shard(size_t shard, const std::vector<std::string>& keys)
     const auto elsewhere = placed.find(unlisted[0]);
     fail("shard holds " + std::to_string(unlisted.size()) + " keys the index does not list there, e.g. '" +
          unlisted[0] + "'" +
-         (elsewhere == placed.end() ? "" : " (the index puts it in '" + base_name(shards[elsewhere->second]) + "')"));
+         (elsewhere == placed.end() ? "" : " (the index puts it in '" + names[elsewhere->second] + "')"));
   }
   const std::unordered_set<std::string> held(keys.begin(), keys.end());
   std::vector<std::string> absent;

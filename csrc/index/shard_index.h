@@ -14,6 +14,7 @@ namespace pyckpt {
 struct ShardIndex {
   std::string index_path;
   std::vector<std::string> shards;  // paths, in first-use order
+  std::vector<std::string> names;   // the same shards as the index names them (plain file names)
   std::vector<std::pair<std::string, size_t>> weight_map;  // key -> shard, in the index's order
 
   // CheckpointError unless `keys` are exactly the keys the index puts in shard `shard` (the
