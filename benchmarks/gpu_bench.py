@@ -4,7 +4,7 @@
                                    [--ring-mb M] [--ring-buffers N] [--streams S] [--readers R] [--dry-run]
 
 1. builds the extension in place (``setup.py build_ext --inplace``), prints the backend;
-2. runs the CUDA tests (``tests/test_device.py tests/test_load.py tests/test_distributed.py tests/test_cpp_api.py -k "cuda or device"``);
+2. runs the CUDA tests (``tests/test_device.py tests/test_load.py tests/test_distributed.py tests/test_cpp_api.py tests/test_dcp_input.py -k "cuda or device"``);
 3. measures pinned and pageable host-to-device bandwidth with plain torch copies;
 4. generates (once, cached) a DataParallel checkpoint and warms the page cache;
 5. times pyckpt, torch and safetensors loading it to the GPU, each run in a fresh subprocess;
@@ -154,6 +154,7 @@ def run_tests() -> TestOutcome:
         "tests/test_load.py",
         "tests/test_distributed.py",
         "tests/test_cpp_api.py",
+        "tests/test_dcp_input.py",
         "-k",
         "cuda or device",
     ]

@@ -4,8 +4,9 @@ Gives what ``dcp_to_torch_save`` writes, loaded back: the same nesting (rebuilt 
 metadata's ``planner_data``), every tensor assembled from its chunks and every other value
 from its own small torch file. Each chunk is a torch zip inside a ``.distcp`` file; it is
 read with the same restricted loader as any checkpoint, so nothing in it runs. On a process
-group, the chunk bytes that go straight into place are read once across the ranks
-(``execute.cooperative``); chunks that must be loaded whole are read by each rank.
+group, the chunk bytes that go straight into place (into host memory, or into CUDA memory
+through the native ring) are read once across the ranks (``execute.cooperative``); chunks
+that must be loaded whole are read by each rank.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from .errors import CheckpointError
 from .boxes import box_runs, intersect, is_dtensor, local_box, wrap_local
 from .dtensor_loading import readable_by_range
 from .execute.cpu import CopyJob
+from .execute.device import ring_capable, ring_module
 from .execute.fill_jobs import FillJobs
 from .index.dcp_format import ChunkPlace, DcpTensor, chunk_source, read_dcp_metadata, set_element
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index import index_source
-from .index.records import TensorRecord
+from .index.records import StorageRecord, TensorRecord
 from .index.source import BufferSource, FileSource
 from .index.symbols import DType
 from .float_cast import casts
@@ -158,12 +160,16 @@ class DcpSkeleton:
         chunks that meet the box are read.
 
         Where a chunk's bytes lie raw in its ``.distcp`` file and the destination is dense
-        host memory of their dtype, the part of the chunk inside the box is read straight
-        into place, run by run, with the parallel reads a torch file gets (the chunk's
-        storage found by indexing its small zip in place); other chunks are loaded whole and
-        their part copied, one chunk at a time. On a process group (``session``) the ranks
-        share the direct reads, each reading about 1/N of them."""
+        memory of their dtype, the part of the chunk inside the box is read straight into
+        place, run by run (the chunk's storage found by indexing its small zip in place):
+        into host memory with the parallel reads a torch file gets, into CUDA memory through
+        the native ring's pinned buffers, as a torch file's tensors go. Other chunks are
+        loaded whole and their part copied, one chunk at a time. On a process group
+        (``session``) the ranks share the direct reads, each reading about 1/N of them."""
+        on_cuda = any(destination.device.type == "cuda" for _, destination, _ in fills)
+        ring = ring_module() if on_cuda and current_backend().name == "native" else None
         reads: dict[str, FillJobs] = {}
+        records: dict[str, list[StorageRecord]] = {}  # per file, the chunk records read in place
         for placeholder, destination, start in fills:
             _, entry, key = self.tensors[id(placeholder)]
             expected = torch_dtype(target if casts(entry.dtype, target) else entry.dtype)  # type: ignore[arg-type]
@@ -172,7 +178,7 @@ class DcpSkeleton:
                 if common is None:
                     continue
                 at, size = common
-                if target is None and self._plan_reads(chunk, entry, destination, start, at, size, reads):
+                if target is None and self._plan_reads(chunk, entry, destination, start, at, size, reads, records, ring):
                     continue
                 part = _load_chunk(chunk, self.files, self.policy, target)
                 if not isinstance(part, torch.Tensor) or part.dtype != expected or tuple(part.shape) != chunk.sizes:
@@ -189,10 +195,10 @@ class DcpSkeleton:
                 sources.append(FileSource(path))
             if session is None:
                 for source, jobs in zip(sources, reads.values()):
-                    jobs.run(source, current_backend(), None)
+                    jobs.run(source, current_backend(), ring)
             else:  # every rank calls this, with or without reads of its own
-                session.share([(source, (source.size, _chunk_digest(jobs.host))) for source, jobs in zip(sources, reads.values())],
-                              list(reads.values()))
+                session.share([(source, (source.size, _chunk_digest(records[path]))) for source, path in zip(sources, reads)],
+                              list(reads.values()), ring)
         finally:
             for source in sources:
                 source.close()
@@ -200,11 +206,14 @@ class DcpSkeleton:
     def _plan_reads(
         self, chunk: ChunkPlace, entry: DcpTensor, destination: torch.Tensor, start: tuple[int, ...],
         at: tuple[int, ...], size: tuple[int, ...], reads: dict[str, FillJobs],
+        records: dict[str, list[StorageRecord]], ring: Any,
     ) -> bool:
         """Plan reading the chunk's part ``(at, size)`` straight into the destination, if its
-        bytes can be read as they are (else False)."""
+        bytes can be read as they are (else False): host memory, or CUDA memory when the
+        native ring can take raw bytes there."""
+        on_host = destination.device.type == "cpu"
         if (
-            destination.device.type != "cpu"
+            not (on_host or (ring is not None and destination.device.type == "cuda"))
             or destination.dtype != torch_dtype(entry.dtype)
             or not takes_bytes_as_they_are(destination)
         ):
@@ -215,6 +224,8 @@ class DcpSkeleton:
         storage, width = record.storage, record.dtype.itemsize
         if not readable_by_range(record) or (record.storage_offset + record.numel) * width > storage.nbytes:
             return False
+        if not on_host and not ring_capable(storage):
+            return False
         runs = box_runs(
             size, chunk.sizes, tuple(a - o for a, o in zip(at, chunk.offsets)),
             tuple(destination.shape), tuple(a - s for a, s in zip(at, start)),
@@ -222,9 +233,14 @@ class DcpSkeleton:
         in_file = dataclasses.replace(storage, data_offset=chunk.offset + storage.data_offset)  # the chunk's place
         base = record.storage_offset * width
         dest = destination.reshape(-1).view(torch.uint8)
-        jobs = reads.setdefault(chunk.file, FillJobs()).host
+        jobs = reads.setdefault(chunk.file, FillJobs())
+        records.setdefault(chunk.file, []).append(in_file)
+        length = runs.length * width
         for source_at, dest_at in zip((runs.source * width).tolist(), (runs.dest * width).tolist()):
-            jobs.append(CopyJob(in_file, base + source_at, dest[dest_at : dest_at + runs.length * width]))
+            if on_host:
+                jobs.host.append(CopyJob(in_file, base + source_at, dest[dest_at : dest_at + length]))
+            else:
+                jobs.add_device(destination.device, (in_file.data_offset + base + source_at, length, dest, dest_at))
         return True
 
     def _chunk_root(self, place: ChunkPlace) -> Any:
@@ -270,12 +286,12 @@ class DcpSkeleton:
         self.close()
 
 
-def _chunk_digest(jobs: list[CopyJob]) -> int:
+def _chunk_digest(records: list[StorageRecord]) -> int:
     """What ranks compare for a ``.distcp`` file besides its size: the place and CRC-32 of every
     chunk record read from it, as each chunk's zip gives them (two saves of tensors of the same
     shapes have the same sizes and ``.metadata``, but not the same CRC-32s)."""
     digest = 0
-    for record in dict.fromkeys(job.record for job in jobs):
+    for record in dict.fromkeys(records):
         digest = zlib.crc32(f"{record.data_offset}:{record.nbytes}:{record.crc32}\n".encode(), digest)
     return digest
 

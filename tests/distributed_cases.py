@@ -303,6 +303,33 @@ def group_load_dcp(ctx: dict[str, Any]) -> dict[str, Any]:
     return _group_load_like_alone(ctx, ctx["saved-dcp"])
 
 
+def group_dcp_bound_for_cuda(ctx: dict[str, Any]) -> dict[str, Any]:
+    """DCP chunks bound for CUDA: ring pieces, shared out like a file's. The destinations are
+    host memory that says it is on CUDA, and the ring's CPU transfer runs each rank's pieces
+    (tests/ring_probe.py); the native backend only, as only it has the ring."""
+    from ring_probe import ring_on_the_host, skeleton_fills
+    from pyckpt._backend import current_backend
+    from pyckpt.dcp_loading import DcpSkeleton
+    from pyckpt.execute.cooperative import GroupLoad
+    from pyckpt.index.policy import UNKNOWN_OPAQUE
+
+    if current_backend().name != "native":
+        return {"native": False}
+    with DcpSkeleton(ctx["saved-dcp"], UNKNOWN_OPAQUE) as skeleton:
+        fills = skeleton_fills(skeleton)
+
+        def fill() -> list[int]:
+            with ring_on_the_host(buffer_bytes=1 << 16) as sent, GroupLoad(dist.group.WORLD, current_backend()) as session:
+                skeleton.fill([(placeholder, fake, (0,) * placeholder.dim()) for placeholder, fake in fills.values()],
+                              session=session)
+            return sent
+
+        sent, read = measured(fill)
+    wrong = [key for key, tensor in ctx["expected"].items() if not torch.equal(fills[key][1].memory, tensor)]
+    return {"native": True, "wrong": wrong + sorted(set(fills) - set(ctx["expected"])), "read": read,
+            "through_ring": sum(sent), "total": ctx["state_bytes_per_key"]}
+
+
 def _group_load_like_alone(ctx: dict[str, Any], path: str, **options: Any) -> dict[str, Any]:
     """``load`` on the group against the same load by this rank alone (values, strides,
     sharing), and every expected tensor's values; both formats read a tied tensor per key."""

@@ -224,6 +224,44 @@ def test_tensors_saved_in_several_chunks(backend, sharded_dcp, tmp_path):
     assert got["step"] == 11
 
 
+def test_chunks_bound_for_cuda_are_planned_through_the_ring(sharded_dcp, monkeypatch):
+    """Row, column, replicated and uneven chunks bound for CUDA become ring pieces (file
+    offset, length, destination, offset in it) with no host assembly; run by the ring's CPU
+    transfer, which moves the same spans through the same buffers, they rebuild every tensor."""
+    from conftest import require_backend
+    from ring_probe import ring_on_the_host, skeleton_fills
+    from pyckpt import dcp_loading
+    from pyckpt._backend import use_backend
+    from pyckpt.index.policy import UNKNOWN_OPAQUE
+
+    require_backend("native")
+    directory, full = sharded_dcp
+    with use_backend("native"), ring_on_the_host() as sent, dcp_loading.DcpSkeleton(directory, UNKNOWN_OPAQUE) as skeleton:
+        monkeypatch.setattr(dcp_loading, "_load_chunk", lambda *a, **k: pytest.fail("a chunk was assembled on the host"))
+        fills = skeleton_fills(skeleton)  # the skeleton loaded "step" above, as it must
+        skeleton.fill([(placeholder, fake, (0,) * placeholder.dim()) for placeholder, fake in fills.values()])
+    assert set(fills) == {"model." + key for key in full}
+    for key, tensor in full.items():
+        assert torch.equal(fills["model." + key][1].memory, tensor), key
+    assert sum(sent) == sum(t.nbytes for t in full.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+def test_cuda_tensors_saved_in_several_chunks(backend, sharded_dcp, monkeypatch):
+    """Row and column chunks assembled on CUDA: on the native backend each chunk's runs go
+    through the ring into their places in the CUDA tensor (a column chunk is one run per row)."""
+    from ring_probe import ring_bytes
+
+    directory, full = sharded_dcp
+    sent = ring_bytes(monkeypatch)
+    got = pyckpt.load(directory, map_location="cuda")
+    for key, tensor in full.items():
+        assert got["model"][key].device.type == "cuda" and torch.equal(got["model"][key].cpu(), tensor), key
+    assert got["step"] == 11
+    assert sum(sent) == (sum(t.nbytes for t in full.values()) if backend == "native" else 0)
+
+
 # -- hostile and damaged DCP directories -----------------------------------------------------
 
 

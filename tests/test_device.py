@@ -138,8 +138,10 @@ def test_cuda_odd_sizes_straddle_ring_buffers(backend, tmp_path, monkeypatch):
 
 @needs_cuda
 @pytest.mark.cuda
-def test_cuda_dcp_directory(backend, tmp_path):
-    """A DCP directory loads to CUDA (assembled there chunk by chunk) and into a CUDA model."""
+def test_cuda_dcp_directory(backend, tmp_path, monkeypatch):
+    """A DCP directory loads to CUDA and into a CUDA model. On the native backend every chunk
+    read in place goes through the ring, straight into its place; the Python backend assembles
+    each chunk on the host and copies it over."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -149,15 +151,24 @@ def test_cuda_dcp_directory(backend, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
         dcp.save({"model": state, "step": 3}, checkpoint_id=str(tmp_path / "ckpt"))
+    from ring_probe import ring_bytes
+
+    sent = ring_bytes(monkeypatch)
+    model_bytes = sum(t.nbytes for t in state.values())
     got = pyckpt.load(tmp_path / "ckpt", map_location="cuda")
     assert got["step"] == 3
     for key, tensor in state.items():
         assert got["model"][key].device.type == "cuda", key
         assert_same({key: tensor}, {key: got["model"][key].cpu()})
+    assert sum(sent) == (model_bytes if backend == "native" else 0)
+    sent.clear()
     target = factory.Net().cuda()
+    pointers = {k: v.data_ptr() for k, v in target.state_dict().items()}
     assert pyckpt.load_state_dict(target, tmp_path / "ckpt", key="model", map_location="cuda").missing_keys == []
+    assert {k: v.data_ptr() for k, v in target.state_dict().items()} == pointers  # filled in place
     for key, tensor in state.items():
         assert torch.equal(target.state_dict()[key].cpu(), tensor), key
+    assert sum(sent) == (model_bytes if backend == "native" else 0)
 
 
 @needs_cuda

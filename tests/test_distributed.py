@@ -52,7 +52,7 @@ def group(request: pytest.FixtureRequest, files: str, tmp_path_factory: pytest.T
     for rank in range(world):
         with open(os.path.join(work, f"rank{rank}.json")) as f:
             ranks.append(json.load(f))
-    return {"world": world, "ranks": ranks}
+    return {"world": world, "backend": backend, "ranks": ranks}
 
 
 def _free_port() -> int:
@@ -140,6 +140,18 @@ def test_group_reads_one_share_each(group: dict, case: str) -> None:
         assert not fact["wrong"], f"rank {rank}: {fact['wrong']}"
         share = fact["total"] // world
         assert share - 16 <= fact["read"] <= share + SLACK, (rank, world, fact)
+
+
+def test_group_shares_dcp_chunks_bound_for_cuda(group: dict) -> None:
+    if group["backend"] != "native":
+        pytest.skip("the ring that takes bytes to CUDA is native only")
+    world = group["world"]
+    for rank, fact in enumerate(facts(group, "group_dcp_bound_for_cuda")):
+        assert fact["native"]
+        assert fact["wrong"] == [], f"rank {rank}: {fact['wrong']}"
+        share = fact["total"] // world
+        assert share - 16 <= fact["read"] <= share + SLACK, (rank, world, fact)
+        assert share - 16 <= fact["through_ring"] <= fact["read"], (rank, fact)  # the bytes it read went through the ring
 
 
 @pytest.mark.parametrize("case", ["group_cast_into_bf16", "group_deflate"])
@@ -270,6 +282,20 @@ def test_cuda_group_and_dtensor_loads(backend: str, tmp_path, one_rank_nccl_grou
     assert full_equal(model, expected) == []
     loaded = pyckpt.load(path, map_location="cuda", process_group=one_rank_nccl_group)
     assert all(torch.equal(loaded["module." + k], v) for k, v in expected.items())
+
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    directory = str(tmp_path / "dcp")  # DCP chunks go through the group's path to CUDA too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({k: v.cpu() for k, v in source.state_dict().items()}, checkpoint_id=directory, no_dist=True)
+    from_dcp = Wide().to("cuda")
+    pyckpt.load_state_dict(from_dcp, directory, process_group=one_rank_nccl_group)
+    assert full_equal(from_dcp, expected) == []
+    loaded = pyckpt.load(directory, map_location="cuda", process_group=one_rank_nccl_group)
+    assert all(loaded[k].device.type == "cuda" and torch.equal(loaded[k], v) for k, v in expected.items())
 
     mesh = init_device_mesh("cuda", (1,))
     sharded = Wide().to("cuda")
