@@ -136,6 +136,71 @@ def test_cuda_odd_sizes_straddle_ring_buffers(backend, tmp_path, monkeypatch):
     assert_same(torch.load(path, weights_only=True, map_location="cuda"), pyckpt.load(path, map_location="cuda"))
 
 
+SLEEP_CYCLES = 200_000_000  # torch.cuda._sleep: about 0.1 s of a GPU's time, far longer than any call here
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_ring_calls_back_to_back_wait_for_the_copies_still_reading_it(ring, tmp_path):
+    """A call returns once its copies are enqueued, so the next call's readers must not refill
+    a pinned buffer the last call's copies have yet to read. The caller's stream is held busy,
+    so the first call's copies (which wait for it) are all still queued when the second call,
+    of other bytes, reuses the ring: each destination must hold its own file's bytes."""
+    size = 6 << 20  # three buffers' worth: the first call never waits for a buffer of its own
+    sources = []
+    for value in (1, 2):
+        path = tmp_path / f"{value}.bin"
+        path.write_bytes(bytes([value]) * size)
+        sources.append(FileSource(str(path)))
+    config, device, results = RingConfig(buffer_bytes=2 << 20, buffers=3, readers=3), torch.device("cuda", 0), []
+    try:
+        for _ in range(3):
+            torch.cuda._sleep(SLEEP_CYCLES)
+            for value, source in zip((1, 2), sources):
+                dest = torch.empty(size, dtype=torch.uint8, device=device)
+                copy_pieces(ring, source, [(0, size, dest, 0)], device, config)
+                results.append((value, dest))
+    finally:
+        for source in sources:
+            source.close()
+    torch.cuda.synchronize()
+    wrong = [(i, value, int(dest.min()), int(dest.max())) for i, (value, dest) in enumerate(results)
+             if not int(dest.min()) == value == int(dest.max())]
+    assert wrong == []
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_load_state_dict_comes_after_work_queued_on_the_callers_stream(backend, tmp_path):
+    """Kernels the caller queued on its stream before the load (here: zeroing the parameters,
+    behind a sleep) run before the load's copies, as they would before copies on that stream."""
+    source = factory.seeded_net()
+    path = factory.save(nn.DataParallel(source).state_dict(), tmp_path / "dp.pt")
+    expected = {key: value.detach().cpu().clone() for key, value in source.state_dict().items()}
+    target = factory.Net().cuda()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    with torch.no_grad():
+        for tensor in target.state_dict().values():
+            tensor.zero_()
+    assert pyckpt.load_state_dict(target, path).missing_keys == []
+    torch.cuda.synchronize()
+    assert [key for key, tensor in target.state_dict().items() if not torch.equal(tensor.cpu(), expected[key])] == []
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_loads_back_to_back_keep_their_own_bytes(backend, tmp_path, monkeypatch):
+    """The same through pyckpt.load, files loaded one after another behind a busy stream."""
+    monkeypatch.setenv("PYCKPT_RING_MB", "2")
+    monkeypatch.setenv("PYCKPT_RING_BUFFERS", "3")
+    paths = [factory.save({"w": torch.full((4 << 20,), value, dtype=torch.uint8)}, tmp_path / f"{value}.pt")
+             for value in (1, 2, 3)]
+    torch.cuda._sleep(SLEEP_CYCLES)
+    loaded = [(value, pyckpt.load(path, map_location="cuda")["w"]) for _ in range(4) for value, path in zip((1, 2, 3), paths)]
+    torch.cuda.synchronize()
+    assert [value for value, tensor in loaded if not int(tensor.min()) == value == int(tensor.max())] == []
+
+
 @needs_cuda
 @pytest.mark.cuda
 def test_cuda_dcp_directory(backend, tmp_path, monkeypatch):

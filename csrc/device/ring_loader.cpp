@@ -72,16 +72,43 @@ class Transfer {
   virtual void finish() = 0;                              // the caller's stream waits for all
 };
 
+// The last copy out of each ring buffer. Copies are asynchronous and a call returns once they
+// are enqueued, so the copies of one call may still read the buffers when the next call's
+// readers want to refill them: the events outlive the call, with the buffers they guard.
+struct CopiesOut {
+  std::vector<std::optional<c10::Event>> events;  // one per buffer; empty until a copy is recorded
+  std::optional<at::Device> device;               // where the recorded events live
+
+  void wait(size_t buffer) {
+    if (events[buffer]) events[buffer]->synchronize();
+  }
+  void wait_all() {
+    for (size_t i = 0; i < events.size(); ++i) wait(i);
+  }
+  // Before a call to `target` with `buffers` buffers: an event records only on its own device.
+  void prepare(const at::Device& target, size_t buffers) {
+    if (device != target || events.size() != buffers) {
+      wait_all();
+      events.clear();
+      events.resize(buffers);
+      device = target;
+    }
+  }
+};
+
 class StreamTransfer final : public Transfer {
  public:
-  StreamTransfer(const at::Device& device, int streams, int buffers)
-      : device_(device), guard_impl_(device.type()) {
+  StreamTransfer(const at::Device& device, int streams, CopiesOut& copies_out)
+      : device_(device), guard_impl_(device.type()), copies_out_(copies_out) {
     caller_stream_ = guard_impl_.getStream(device);
+    // Work the caller queued before the load (a model's initialisation kernels, say) may still
+    // write the destinations: the copies start after it, as copies on the caller's stream would.
+    c10::Event caller_ready(device.type());
+    caller_ready.record(caller_stream_);
     for (int i = 0; i < streams; ++i) {
       streams_.push_back(guard_impl_.getStreamFromGlobalPool(device, /*isHighPriority=*/false));
+      caller_ready.block(streams_.back());
     }
-    for (int i = 0; i < buffers; ++i) buffer_events_.emplace_back(device.type());
-    used_.assign(static_cast<size_t>(buffers), false);
   }
 
   at::Tensor allocate_host(uint64_t bytes) override {
@@ -96,13 +123,12 @@ class StreamTransfer final : public Transfer {
   }
 
   void buffer_used(int buffer, int stream) override {
-    buffer_events_[static_cast<size_t>(buffer)].record(streams_[static_cast<size_t>(stream)]);
-    used_[static_cast<size_t>(buffer)] = true;
+    std::optional<c10::Event>& event = copies_out_.events[static_cast<size_t>(buffer)];
+    if (!event) event.emplace(device_.type());
+    event->record(streams_[static_cast<size_t>(stream)]);
   }
 
-  void wait_buffer_free(int buffer) override {
-    if (used_[static_cast<size_t>(buffer)]) buffer_events_[static_cast<size_t>(buffer)].synchronize();
-  }
+  void wait_buffer_free(int buffer) override { copies_out_.wait(static_cast<size_t>(buffer)); }
 
   void finish() override {
     for (const c10::Stream& stream : streams_) {
@@ -112,20 +138,12 @@ class StreamTransfer final : public Transfer {
     }
   }
 
-  // On an error, do not leave copies reading ring buffers that the next call will refill.
-  void drain() {
-    for (size_t i = 0; i < buffer_events_.size(); ++i) {
-      if (used_[i]) buffer_events_[i].synchronize();
-    }
-  }
-
  private:
   at::Device device_;
   c10::impl::VirtualGuardImpl guard_impl_;
+  CopiesOut& copies_out_;
   c10::Stream caller_stream_{c10::Stream::DEFAULT, at::Device(at::kCPU)};
   std::vector<c10::Stream> streams_;
-  std::vector<c10::Event> buffer_events_;
-  std::vector<bool> used_;
 };
 
 class CpuTransfer final : public Transfer {
@@ -150,6 +168,7 @@ struct Ring {
   std::vector<at::Tensor> buffers;
   uint64_t buffer_bytes = 0;
   at::DeviceType device_type = at::kCPU;
+  CopiesOut copies_out;  // asynchronous transfers only
 };
 
 Ring& ring() {
@@ -183,29 +202,30 @@ RingStats copy_through_ring(const ByteSource& source, const std::vector<DevicePi
   Ring& shared = ring();
   std::lock_guard<std::mutex> exclusive(shared.lock);  // one load uses the ring at a time
   const bool cpu = device.is_cpu();
+  if (shared.buffer_bytes != config.buffer_bytes || shared.buffers.size() != static_cast<size_t>(config.buffers) ||
+      shared.device_type != device.type()) {
+    shared.copies_out.wait_all();  // no copy may still read a buffer that is freed
+    shared.buffers.clear();
+  } else {
+    stats.ring_reused = true;
+  }
   std::unique_ptr<Transfer> transfer;
-  StreamTransfer* streamed = nullptr;
   if (cpu) {
     transfer = std::make_unique<CpuTransfer>();
   } else {
-    auto owned = std::make_unique<StreamTransfer>(device, config.streams, config.buffers);
-    streamed = owned.get();
-    transfer = std::move(owned);
+    shared.copies_out.prepare(device, static_cast<size_t>(config.buffers));
+    transfer = std::make_unique<StreamTransfer>(device, config.streams, shared.copies_out);
   }
-  const at::DeviceType host_kind = device.type();
-  if (shared.buffer_bytes != config.buffer_bytes || shared.buffers.size() != static_cast<size_t>(config.buffers) ||
-      shared.device_type != host_kind) {
-    shared.buffers.clear();
+  if (shared.buffers.empty()) {
     for (int i = 0; i < config.buffers; ++i) shared.buffers.push_back(transfer->allocate_host(config.buffer_bytes));
     shared.buffer_bytes = config.buffer_bytes;
-    shared.device_type = host_kind;
-  } else {
-    stats.ring_reused = true;
+    shared.device_type = device.type();
   }
   const size_t buffer_count = shared.buffers.size();
 
   // Readers fill span i into buffer i % buffers once span i - buffers has been issued and
-  // its copies have completed; the issuer (this thread) copies spans in order.
+  // the copies out of that buffer have completed (this call's, or for the first spans, the
+  // previous call's); the issuer (this thread) copies spans in order.
   std::mutex state_lock;
   std::condition_variable state_changed;
   size_t issued = 0;                             // spans whose copies are enqueued
@@ -225,7 +245,7 @@ RingStats copy_through_ring(const ByteSource& source, const std::vector<DevicePi
         if (stop) return;
       }
       try {
-        if (i >= buffer_count) transfer->wait_buffer_free(buffer);
+        transfer->wait_buffer_free(buffer);
         source.read_into(spans[i].file_offset, spans[i].length,
                          static_cast<uint8_t*>(shared.buffers[static_cast<size_t>(buffer)].data_ptr()));
       } catch (...) {
@@ -275,7 +295,7 @@ RingStats copy_through_ring(const ByteSource& source, const std::vector<DevicePi
   }
   for (std::thread& thread : readers) thread.join();
   if (issue_error) {
-    if (streamed != nullptr) streamed->drain();
+    shared.copies_out.wait_all();  // do not leave copies reading buffers the next call refills
     std::rethrow_exception(issue_error);
   }
   return stats;
@@ -284,6 +304,7 @@ RingStats copy_through_ring(const ByteSource& source, const std::vector<DevicePi
 void release_ring() {
   Ring& shared = ring();
   std::lock_guard<std::mutex> exclusive(shared.lock);
+  shared.copies_out.wait_all();
   shared.buffers.clear();
   shared.buffer_bytes = 0;
 }

@@ -2,9 +2,11 @@
 //
 // Reader threads pread spans of the file into free ring buffers; the calling thread issues
 // an asynchronous host-to-device copy per piece on one of several streams and records an
-// event per buffer, so a buffer is refilled only once the copies out of it are done. Reads
-// overlap copies, nothing is copied twice on the host, and at the end the caller's current
-// stream waits on the copies (no device-wide synchronisation).
+// event per buffer, so a buffer is refilled only once the copies out of it are done, those
+// of the previous call included (a call returns with its last copies still in flight). The
+// copy streams first wait for the caller's current stream, and at the end the caller's
+// stream waits on them: ordered as copies on the caller's stream, with no device-wide
+// synchronisation. Reads overlap copies, and nothing is copied twice on the host.
 //
 // Written against device-generic c10/ATen APIs (streams from the guard implementation,
 // c10::Event, Tensor::copy_ from pinned memory), so it compiles with a CPU-only torch. The
