@@ -190,9 +190,13 @@ void check_pieces(const ByteSource& source, const std::vector<DevicePiece>& piec
 }  // namespace
 
 RingStats copy_through_ring(const ByteSource& source, const std::vector<DevicePiece>& pieces,
-                            const RingConfig& config, const at::Device& device) {
+                            const RingConfig& config, const at::Device& requested) {
   TORCH_CHECK(config.buffer_bytes > 0 && config.buffers > 0 && config.streams > 0 && config.readers > 0,
               "ring sizes must be positive");
+  // "cuda" with no index means the current device, where at::empty put the destinations.
+  const at::Device device = requested.has_index() || requested.is_cpu()
+                                ? requested
+                                : c10::impl::VirtualGuardImpl(requested.type()).getDevice();
   check_pieces(source, pieces, device);
   const std::vector<Span> spans = plan_spans(pieces, config);
   RingStats stats;

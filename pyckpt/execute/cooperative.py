@@ -20,6 +20,7 @@ to the group's timeout, as any collective's are."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import zlib
 from typing import TYPE_CHECKING, Any
@@ -129,7 +130,11 @@ class GroupLoad:
     def _exchange(self, sources: list[Source], regions: list[Region]) -> None:
         batches = batches_of(regions, self.world, group_chunk_bytes())
         mine = [batch for batch in batches if batch.owner == self.rank]
-        reader = threading.Thread(target=self._read, args=(sources, mine), name="pyckpt-group-reader", daemon=True)
+        # CUDA streams are per thread: the reader's copies must be ordered on the stream this
+        # thread broadcasts and copies on, not on the reader thread's default stream.
+        devices = {region.dest.device for batch in mine for region in batch.regions if region.dest.device.type == "cuda"}
+        streams = [torch.cuda.current_stream(device) for device in devices]
+        reader = threading.Thread(target=self._read, args=(sources, mine, streams), name="pyckpt-group-reader", daemon=True)
         reader.start()
         pending: list[tuple[Any, Batch, torch.Tensor | None]] = []
         try:
@@ -178,16 +183,23 @@ class GroupLoad:
                 region.dest.copy_(buffer[at : at + region.nbytes])
                 at += region.nbytes
 
-    def _read(self, sources: list[Source], batches: list[Batch]) -> None:
-        """This rank's share, in file order; an error is kept for the final agreement and the
-        remaining batches are released unread, so the exchange runs to its end."""
-        for batch in batches:
-            if self.read_error is None:
-                try:
-                    run_regions(batch.regions, sources, self.backend, self.ring)
-                except BaseException as exc:  # noqa: BLE001 - reported to every rank
-                    self.read_error = _describe(exc)
-            batch.ready.set()
+    def _read(self, sources: list[Source], batches: list[Batch], streams: list[Any]) -> None:
+        """This rank's share, in file order, on the exchanging thread's CUDA ``streams``; an
+        error is kept for the final agreement and the remaining batches are released unread,
+        so the exchange runs to its end."""
+        with contextlib.ExitStack() as on_streams:
+            try:
+                for stream in streams:
+                    on_streams.enter_context(torch.cuda.stream(stream))
+            except BaseException as exc:  # noqa: BLE001 - reported to every rank
+                self.read_error = _describe(exc)
+            for batch in batches:
+                if self.read_error is None:
+                    try:
+                        run_regions(batch.regions, sources, self.backend, self.ring)
+                    except BaseException as exc:  # noqa: BLE001 - reported to every rank
+                        self.read_error = _describe(exc)
+                batch.ready.set()
 
 
 def _difference(facts: list[Any], names: list[str]) -> CheckpointError | None:
