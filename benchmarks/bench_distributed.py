@@ -76,6 +76,7 @@ from common import (
     cached_fraction,
     check_model,
     check_tensors,
+    dp_state_dict,
     markdown_table,
     prepare_checkpoint,
     preload_imports,
@@ -443,7 +444,7 @@ def write_warm_up_checkpoint(directory: Path) -> None:
     """A tiny DataParallel checkpoint of the benchmark's layout (values do not matter)."""
     directory.mkdir(parents=True, exist_ok=True)
     model = build_model(WARM_UP_CONFIG)
-    torch.save(nn.DataParallel(model).state_dict(), Checkpoint(directory, WARM_UP_CONFIG, {}).pt_path)
+    torch.save(dp_state_dict(model), Checkpoint(directory, WARM_UP_CONFIG, {}).pt_path)
 
 
 def warm_up(rank: Rank, rows: Sequence[Row], tiny_checkpoint: Checkpoint) -> None:

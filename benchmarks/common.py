@@ -105,6 +105,15 @@ class LanguageModel(nn.Module):
         self.head.weight = self.embed.weight
 
 
+def dp_state_dict(model: nn.Module) -> dict[str, Any]:
+    """``nn.DataParallel(model).state_dict()`` (``module.`` keys, its ``_metadata``) with the
+    tensors left on the host: with one GPU, DataParallel would move the model to cuda:0, and
+    the checkpoint would then restore onto the GPU even where a row asks for host memory."""
+    wrapper = nn.Module()
+    wrapper.module = model
+    return wrapper.state_dict()
+
+
 def build_model(config: LMConfig, device: str | torch.device = "cpu") -> LanguageModel:
     """An already-built model on ``device`` whose memory is touched (as after a real init) and
     holds NaN, so a loader that skips a tensor fails the check."""
@@ -172,7 +181,7 @@ def prepare_checkpoint(data_dir: Path, size_gib: float, with_safetensors: bool =
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(std=0.02)
-    _atomic_write(cached.pt_path, lambda tmp: torch.save(nn.DataParallel(model).state_dict(), tmp))
+    _atomic_write(cached.pt_path, lambda tmp: torch.save(dp_state_dict(model), tmp))
 
     if with_safetensors:
         from safetensors.torch import save_file

@@ -55,7 +55,7 @@ def make_files(directory: str) -> None:
         model.bn.running_mean.normal_()
         model.bn.running_var.uniform_(0.5, 2)
         model.bn.num_batches_tracked.fill_(7)
-    torch.save(nn.DataParallel(model).state_dict(), os.path.join(directory, "dp.pt"))
+    torch.save(dp_state_dict(model), os.path.join(directory, "dp.pt"))
     torch.save(model.state_dict(), os.path.join(directory, "plain.pt"))
     import torch.distributed.checkpoint as dcp
 
@@ -63,7 +63,7 @@ def make_files(directory: str) -> None:
     with torch.no_grad():
         model.proj.bias.add_(1)  # the same file but for these bytes: other CRC-32s, same size
     os.mkdir(os.path.join(directory, "other"))  # the same name: torch names the zip's folder after it
-    torch.save(nn.DataParallel(model).state_dict(), os.path.join(directory, "other", "dp.pt"))
+    torch.save(dp_state_dict(model), os.path.join(directory, "other", "dp.pt"))
     dcp.save(model.state_dict(), checkpoint_id=os.path.join(directory, "other", "saved-dcp"), no_dist=True)
     rezip(os.path.join(directory, "dp.pt"), os.path.join(directory, "deflate.pt"), zipfile.ZIP_DEFLATED)
     pyckpt.convert(os.path.join(directory, "dp.pt"), os.path.join(directory, "model.safetensors"))

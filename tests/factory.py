@@ -141,7 +141,7 @@ def training_checkpoint() -> dict[str, Any]:
     optimizer.step()
     return {
         "epoch": 3,
-        "state_dict": nn.DataParallel(net).state_dict(),
+        "state_dict": dp_state_dict(net),
         "optimizer": optimizer.state_dict(),
         "hparams": {"lr": 0.1, "name": "run-α", "layers": [1, 2, 3], "nothing": None},
         "rng": torch.get_rng_state(),
@@ -200,6 +200,15 @@ OBJECT_CASES: dict[str, Callable[[], Any]] = {
 # ---------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------
+
+
+def dp_state_dict(module: nn.Module) -> dict[str, Any]:
+    """What ``nn.DataParallel(module).state_dict()`` gives (``module.`` keys, the same
+    ``_metadata``), with the tensors left where they are: with one GPU, DataParallel moves its
+    module to cuda:0, and the tests' checkpoints would hold CUDA tensors where they expect host ones."""
+    wrapper = nn.Module()
+    wrapper.module = module
+    return wrapper.state_dict()
 
 
 def save(obj: Any, path: str | os.PathLike[str], **kwargs: Any) -> str:

@@ -66,7 +66,7 @@ def test_pt_round_trip_matches_the_seed_recipe(backend, tmp_path, case):
 
 def test_pt_output_keeps_dataparallel_metadata_and_entries(backend, tmp_path):
     net = factory.seeded_net()
-    src = factory.save({"epoch": 9, "model": nn.DataParallel(net).state_dict(), "note": "x"}, tmp_path / "dp.pt")
+    src = factory.save({"epoch": 9, "model": factory.dp_state_dict(net), "note": "x"}, tmp_path / "dp.pt")
     dst = tmp_path / "plain.pt"
     report = pyckpt.convert(src, dst)
     loaded = torch.load(dst, weights_only=True)
@@ -79,7 +79,7 @@ def test_pt_output_keeps_dataparallel_metadata_and_entries(backend, tmp_path):
 
 @pytest.mark.parametrize("variant", ["legacy", "torchscript", "deflate", "unaligned", "big_endian"])
 def test_pt_from_every_input_format(backend, tmp_path, variant):
-    obj = nn.DataParallel(factory.seeded_net()).state_dict()
+    obj = factory.dp_state_dict(factory.seeded_net())
     src = str(tmp_path / "src.pt")
     if variant == "legacy":
         factory.save(obj, src, _use_new_zipfile_serialization=False)
@@ -112,7 +112,7 @@ def test_pt_pass_through_keeps_bytes(backend, tmp_path):
 
 def test_safetensors_output(backend, tmp_path):
     net = factory.seeded_net()
-    state = nn.DataParallel(net).state_dict()
+    state = factory.dp_state_dict(net)
     state["module.view"] = torch.arange(24.0).reshape(4, 6).t()  # non-contiguous view
     src = factory.save({"epoch": 4, "lr": 0.5, "name": "run", "state_dict": state}, tmp_path / "train.pt")
     dst = tmp_path / "model.safetensors"
@@ -172,7 +172,7 @@ def test_existing_destination_needs_force(backend, tmp_path):
 
 
 def test_convert_in_place(backend, tmp_path):
-    src = factory.save(nn.DataParallel(factory.seeded_net()).state_dict(), tmp_path / "same.pt")
+    src = factory.save(factory.dp_state_dict(factory.seeded_net()), tmp_path / "same.pt")
     expected = stripped_reference(src)
     refused = cli("convert", src, src)
     assert refused.returncode == 1 and "--force" in refused.stderr
@@ -444,7 +444,7 @@ def _aligned_zip(path, records: list[tuple[str, bytes]]) -> str:
 def test_pt_output_written_record_by_record_when_the_pickle_names_storages_otherwise(backend, tmp_path, monkeypatch):
     """Storage records stored out of the pickle's order: the span is copied, found not to fit
     once the pickle is written, and the file is written the general way instead."""
-    original = factory.save(nn.DataParallel(factory.seeded_net()).state_dict(), tmp_path / "orig.pt")
+    original = factory.save(factory.dp_state_dict(factory.seeded_net()), tmp_path / "orig.pt")
     with zipfile.ZipFile(original) as z:
         records = [(info.filename, z.read(info)) for info in z.infolist()]
     storages = [record for record in records if "/data/" in record[0]]
@@ -466,7 +466,7 @@ def test_pt_output_written_record_by_record_when_the_pickle_names_storages_other
 
 def _span_cases(tmp_path) -> dict[str, tuple[str, bool]]:
     """Zips whose storage records are (True) or are not (False) one copyable span."""
-    original = factory.save(nn.DataParallel(factory.seeded_net()).state_dict(), tmp_path / "orig.pt")
+    original = factory.save(factory.dp_state_dict(factory.seeded_net()), tmp_path / "orig.pt")
     with zipfile.ZipFile(original) as z:
         records = [(info.filename, z.read(info)) for info in z.infolist()]
     storages = [record for record in records if "/data/" in record[0]]

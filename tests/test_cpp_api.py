@@ -22,7 +22,7 @@ from torch import nn
 
 import pyckpt
 from conftest import require_backend
-from factory import rezip
+from factory import dp_state_dict, rezip
 from safetensors.torch import load_file, save_file
 from sharded_cases import lying_sharded_checkpoints, write_sharded
 
@@ -64,7 +64,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A DataParallel checkpoint, and one of many dtypes with views and a tied weight."""
     directory = tmp_path_factory.mktemp("cpp-files")
     dp = str(directory / "dp.pt")
-    torch.save(nn.DataParallel(seeded_net()).state_dict(), dp)
+    torch.save(dp_state_dict(seeded_net()), dp)
     base = torch.arange(24, dtype=torch.float32)
     mixed = {
         "_orig_mod.matrix": base.reshape(4, 6),
@@ -81,7 +81,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     path = str(directory / "mixed.pt")
     torch.save(mixed, path)
     training = str(directory / "training.pt")
-    torch.save({"epoch": 3, "model": nn.DataParallel(seeded_net()).state_dict(), "lr": 0.1}, training)
+    torch.save({"epoch": 3, "model": dp_state_dict(seeded_net()), "lr": 0.1}, training)
     return {"dp": dp, "mixed": path, "training": training}
 
 
@@ -206,8 +206,8 @@ def test_attack_corpus_through_the_cpp_api(program: str, tmp_path) -> None:
 # --- safetensors files and sharded directories --------------------------------------------------
 
 
-def dp_state_dict() -> dict[str, torch.Tensor]:
-    return nn.DataParallel(seeded_net()).state_dict()
+def seeded_dp_state_dict() -> dict[str, torch.Tensor]:
+    return dp_state_dict(seeded_net())
 
 
 def thirds(keys: list[str]) -> list[list[str]]:
@@ -219,7 +219,7 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The DP checkpoint as one safetensors file, a directory holding it, and shards of each
     kind (named by directory or by index file); each written by its format's own library."""
     directory = tmp_path_factory.mktemp("cpp-layouts")
-    state = dp_state_dict()
+    state = seeded_dp_state_dict()
     keys = list(state)
     save_file({k: v.clone() for k, v in state.items()}, directory / "dp.safetensors", metadata={"format": "pt"})
     os.makedirs(directory / "single")
@@ -337,7 +337,7 @@ def test_ops_refuse_lying_shard_indexes(tmp_path) -> None:
 
 
 def test_ops_name_the_damaged_shard_and_span_renaming_across_shards(tmp_path) -> None:
-    state = dp_state_dict()
+    state = seeded_dp_state_dict()
     directory = os.path.dirname(write_sharded(tmp_path / "cut", state, shard_keys=thirds(list(state)),
                                               kinds=["safetensors"] * 3))
     second = os.path.join(directory, "model-00002-of-00003.safetensors")

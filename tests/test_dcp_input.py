@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from compare import assert_same
-from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import pyckpt
@@ -38,7 +37,7 @@ def _reference(directory, tmp_path):
 def _training_state():
     net = factory.seeded_net()
     return {
-        "model": nn.DataParallel(net).state_dict(),
+        "model": factory.dp_state_dict(net),
         "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4, 2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
         "extras": [torch.arange(5), {"inner": torch.zeros(2, dtype=torch.float16)}],
         "epoch": 7,
@@ -58,7 +57,7 @@ def test_load_equals_dcp_to_torch_save(backend, tmp_path):
 
 def test_renaming_and_load_state_dict(backend, tmp_path):
     net = factory.seeded_net(seed=4)
-    directory = _save({"model": nn.DataParallel(net).state_dict(), "step": 2}, tmp_path / "ckpt")
+    directory = _save({"model": factory.dp_state_dict(net), "step": 2}, tmp_path / "ckpt")
     got = pyckpt.load(directory, strip_prefix="auto")
     assert list(got["model"]) == list(net.state_dict())
     for key, tensor in net.state_dict().items():  # DCP keeps no sharing: tied weights come back apart
@@ -72,7 +71,7 @@ def test_renaming_and_load_state_dict(backend, tmp_path):
 def test_load_state_dict_assembles_into_the_parameters_and_reads_only_the_state_dict(backend, tmp_path, monkeypatch):
     net = factory.seeded_net(seed=4)
     big = torch.randn(256, 256)
-    directory = _save({"model": nn.DataParallel(net).state_dict(), "optimizer": {"big": big}, "step": 2}, tmp_path / "ckpt")
+    directory = _save({"model": factory.dp_state_dict(net), "optimizer": {"big": big}, "step": 2}, tmp_path / "ckpt")
     from pyckpt import dcp_loading
     from pyckpt._backend import current_backend
     from pyckpt.index.dcp_format import read_dcp_metadata
@@ -104,7 +103,7 @@ def test_load_state_dict_assembles_into_the_parameters_and_reads_only_the_state_
 
 def test_load_state_dict_casts_into_another_dtype_and_assigns(backend, tmp_path):
     net = factory.seeded_net(seed=5)
-    directory = _save({"model": nn.DataParallel(net).state_dict()}, tmp_path / "ckpt")
+    directory = _save({"model": factory.dp_state_dict(net)}, tmp_path / "ckpt")
     expected = factory.seeded_net(seed=0).to(torch.bfloat16)
     expected.load_state_dict(net.state_dict())  # torch casts in param.copy_
     model = factory.seeded_net(seed=9).to(torch.bfloat16)
@@ -361,7 +360,7 @@ def test_convert_from_dcp(backend, tmp_path, output):
     from safetensors.torch import load_file
 
     net = factory.seeded_net(width=16)
-    state = {"model": nn.DataParallel(net).state_dict(), "epoch": 4}
+    state = {"model": factory.dp_state_dict(net), "epoch": 4}
     directory = _save(state, tmp_path / "ckpt")
     reference = _reference(directory, tmp_path)
     kwargs = {"pt": {"format": "pt"}, "safetensors": {"format": "safetensors"}, "sharded": {"max_shard_size": 2000}}

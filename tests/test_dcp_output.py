@@ -15,7 +15,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from compare import assert_same
 from safetensors.torch import save_file
-from torch import nn
 
 import pyckpt
 from pyckpt.sinks import dcp_writer
@@ -30,7 +29,7 @@ def _quiet():
 
 def _state():
     return {
-        "model": nn.DataParallel(factory.seeded_net()).state_dict(),
+        "model": factory.dp_state_dict(factory.seeded_net()),
         "epoch": 3,
         "extras": [torch.arange(3), {"x": torch.ones(2, dtype=torch.bfloat16)}],
         "name": "run",
@@ -103,7 +102,7 @@ def test_safetensors_and_state_dict_only_to_dcp(backend, tmp_path):
     dcp.load(template, checkpoint_id=str(tmp_path / "out"))
     for key, tensor in net.state_dict().items():
         assert torch.equal(template[key], tensor), key
-    src = factory.save({"model": nn.DataParallel(net).state_dict(), "epoch": 1}, tmp_path / "train.pt")
+    src = factory.save({"model": factory.dp_state_dict(net), "epoch": 1}, tmp_path / "train.pt")
     pyckpt.convert(src, tmp_path / "sd", format="dcp", extract_state_dict=True)
     assert list(_metadata(tmp_path / "sd").state_dict_metadata) == list(net.state_dict())
 

@@ -9,7 +9,6 @@ import factory
 import pytest
 import torch
 from compare import assert_same
-from torch import nn
 
 import pyckpt
 from conftest import require_backend
@@ -175,7 +174,7 @@ def test_cuda_load_state_dict_comes_after_work_queued_on_the_callers_stream(back
     """Kernels the caller queued on its stream before the load (here: zeroing the parameters,
     behind a sleep) run before the load's copies, as they would before copies on that stream."""
     source = factory.seeded_net()
-    path = factory.save(nn.DataParallel(source).state_dict(), tmp_path / "dp.pt")
+    path = factory.save(factory.dp_state_dict(source), tmp_path / "dp.pt")
     expected = {key: value.detach().cpu().clone() for key, value in source.state_dict().items()}
     target = factory.Net().cuda()
     torch.cuda._sleep(SLEEP_CYCLES)
@@ -240,7 +239,7 @@ def test_cuda_dcp_directory(backend, tmp_path, monkeypatch):
 @pytest.mark.cuda
 def test_cuda_model_load_state_dict(backend, tmp_path):
     source = factory.seeded_net()
-    path = factory.save(nn.DataParallel(source).state_dict(), tmp_path / "dp.pt")
+    path = factory.save(factory.dp_state_dict(source), tmp_path / "dp.pt")
     target = factory.Net().cuda()
     pointers = {k: v.data_ptr() for k, v in target.state_dict().items()}
     assert pyckpt.load_state_dict(target, path).missing_keys == []

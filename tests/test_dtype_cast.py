@@ -150,7 +150,7 @@ def test_convert_to_pt_casts_and_keeps_sharing(backend, source_pt, tmp_path, dty
 
 def test_convert_to_safetensors_sharded_and_dcp_casts(backend, tmp_path):
     net = factory.seeded_net(seed=5, width=32)
-    src = factory.save(nn.DataParallel(net).state_dict(), tmp_path / "ddp.pt")
+    src = factory.save(factory.dp_state_dict(net), tmp_path / "ddp.pt")
     expected = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in net.state_dict().items()}
 
     single = tmp_path / "model.safetensors"
@@ -211,7 +211,7 @@ def test_command_line_dtype(backend, tmp_path):
                                                     (torch.float16, torch.bfloat16)])
 def test_load_state_dict_casts_into_the_parameters(backend, tmp_path, monkeypatch, model_dtype, file_dtype):
     source_net = factory.seeded_net(seed=1, width=64).to(file_dtype)
-    path = factory.save(nn.DataParallel(source_net).state_dict(), tmp_path / "ddp.pt")
+    path = factory.save(factory.dp_state_dict(source_net), tmp_path / "ddp.pt")
     expected = factory.seeded_net(seed=2, width=64).to(model_dtype)
     expected.load_state_dict(source_net.state_dict())  # torch's own copy_ casts
 

@@ -46,7 +46,7 @@ def _plain_checkpoints(tmp_path):
     torch.manual_seed(0)
     net = factory.Net()
     base = torch.arange(24.0)
-    yield "dp_state_dict", nn.DataParallel(net).state_dict()
+    yield "dp_state_dict", factory.dp_state_dict(net)
     yield "training", {
         "epoch": 3,
         "loss": 0.25,
@@ -173,7 +173,7 @@ def test_load_state_dict_of_many_small_tensors(backend, tmp_path):
     torch.manual_seed(1)
     source = _Many(300)
     source.blocks[7].weight = source.blocks[3].weight  # tied: one storage, two keys
-    path = factory.save(nn.DataParallel(source).state_dict(), tmp_path / "many.pt")
+    path = factory.save(factory.dp_state_dict(source), tmp_path / "many.pt")
     target = _Many(300)
     target.blocks[7].weight = target.blocks[3].weight
     result = pyckpt.load_state_dict(target, path)

@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 import transformers
+import factory
 from compare import assert_same
 from huggingface_hub import load_state_dict_from_file, load_torch_model
 from torch import nn
@@ -45,7 +46,7 @@ class Source:
         self.model = fresh_model(self.config, seed)
         self.reference = self.model.state_dict()
         self.path = str(directory / "src.pt")
-        torch.save(nn.DataParallel(self.model).state_dict(), self.path)
+        torch.save(factory.dp_state_dict(self.model), self.path)
         saved = torch.load(self.path, weights_only=True)
         assert list(saved) == [f"module.{key}" for key in self.reference]  # what convert has to strip
         self.total_bytes = sum(t.numel() * t.element_size() for t in self.reference.values())

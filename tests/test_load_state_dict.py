@@ -28,7 +28,7 @@ def fresh_net(seed: int = 123) -> factory.Net:
 
 def test_dataparallel_checkpoint_into_plain_model(backend, tmp_path):
     source = factory.seeded_net()
-    path = factory.save(nn.DataParallel(source).state_dict(), tmp_path / "dp.pt")
+    path = factory.save(factory.dp_state_dict(source), tmp_path / "dp.pt")
     target = fresh_net()
     with pytest.raises(RuntimeError, match="Missing key"):
         target.load_state_dict(torch.load(path, weights_only=True))
@@ -115,7 +115,7 @@ def test_size_mismatch_names_the_key(backend, tmp_path):
 
 def test_writes_into_existing_parameter_memory(backend, tmp_path):
     source = factory.seeded_net()
-    path = factory.save(nn.DataParallel(source).state_dict(), tmp_path / "dp.pt")
+    path = factory.save(factory.dp_state_dict(source), tmp_path / "dp.pt")
     target = fresh_net()
     before = {k: v.data_ptr() for k, v in target.state_dict().items()}
     pyckpt.load_state_dict(target, path)
@@ -175,7 +175,7 @@ def test_dtype_conversion_and_noncontiguous_sources_go_through_torch(backend, tm
 def test_batchnorm_metadata_version_is_honoured(backend, tmp_path):
     """An old BatchNorm checkpoint (version 1, no num_batches_tracked) loads like torch loads it."""
     source = factory.seeded_net()
-    state = nn.DataParallel(source).state_dict()
+    state = factory.dp_state_dict(source)
     del state["module.block.1.num_batches_tracked"]
     state._metadata["module.block.1"]["version"] = 1
     path = factory.save(state, tmp_path / "old_bn.pt")

@@ -42,7 +42,7 @@ def test_explicit_prefix_and_regex_rules_apply_in_order():
 
 def test_consume_prefix_parity_for_single_segment(backend, tmp_path):
     net = factory.seeded_net()
-    path = factory.save(nn.DataParallel(net).state_dict(), tmp_path / "dp.pt")
+    path = factory.save(factory.dp_state_dict(net), tmp_path / "dp.pt")
     expected = torch.load(path, weights_only=True)
     torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(expected, "module.")
     got = pyckpt.load(path, strip_prefix="module.")
@@ -53,8 +53,7 @@ def test_consume_prefix_parity_for_single_segment(backend, tmp_path):
 def test_multi_segment_prefix_metadata_is_right_where_torch_is_wrong(backend, tmp_path):
     """torch's consume_prefix drops the inner modules' _metadata for 'module._orig_mod.'."""
     net = factory.seeded_net()
-    wrapped = nn.DataParallel(torch.compile(net))
-    path = factory.save(wrapped.state_dict(), tmp_path / "dp_compiled.pt")
+    path = factory.save(factory.dp_state_dict(torch.compile(net)), tmp_path / "dp_compiled.pt")
     got = pyckpt.load(path, strip_prefix="auto")
     assert list(got.keys()) == list(net.state_dict().keys())
     assert got._metadata == net.state_dict()._metadata

@@ -19,7 +19,7 @@ import pyckpt
 
 
 def dp_state_dict() -> dict[str, torch.Tensor]:
-    return nn.DataParallel(factory.seeded_net()).state_dict()
+    return factory.dp_state_dict(factory.seeded_net())
 
 
 def _thirds(keys: list[str]) -> list[list[str]]:
@@ -62,7 +62,7 @@ def test_directory_with_one_file(backend, tmp_path):
 @pytest.mark.parametrize("kinds", [["safetensors"] * 3, ["bin", "safetensors", "bin"]])
 def test_load_state_dict_from_shards(backend, tmp_path, kinds):
     source = factory.seeded_net(seed=1)
-    state_dict = nn.DataParallel(source).state_dict()
+    state_dict = factory.dp_state_dict(source)
     write_sharded(tmp_path / "m", state_dict, shard_keys=_thirds(list(state_dict)), kinds=kinds)
     model = factory.seeded_net(seed=2)
     result = pyckpt.load_state_dict(model, tmp_path / "m")
@@ -107,7 +107,7 @@ def test_duplicate_keys_in_the_index(backend, tmp_path):
 @pytest.mark.parametrize("output", ["pt", "safetensors", "sharded", "dcp"])
 def test_convert_from_shards(backend, tmp_path, output):
     """Each tensor is copied from its own shard into one file, new shards or DCP."""
-    state_dict = nn.DataParallel(factory.seeded_net(width=16)).state_dict()
+    state_dict = factory.dp_state_dict(factory.seeded_net(width=16))
     write_sharded(tmp_path / "m", state_dict, shard_keys=_thirds(list(state_dict)), kinds=["bin", "safetensors", "bin"])
     dst = tmp_path / "out"
     kwargs = {"sharded": {"max_shard_size": 2000}, "dcp": {"format": "dcp"}}.get(output, {"format": output})
@@ -124,7 +124,7 @@ def test_inspect_and_verify_a_sharded_directory(backend, tmp_path):
     from pyckpt.inspection import inspect_checkpoint
     from pyckpt.verification import verify_checkpoint
 
-    state_dict = nn.DataParallel(factory.seeded_net(width=16)).state_dict()
+    state_dict = factory.dp_state_dict(factory.seeded_net(width=16))
     index = write_sharded(tmp_path / "m", state_dict, shard_keys=_thirds(list(state_dict)), kinds=["bin", "safetensors", "bin"])
     info = inspect_checkpoint(tmp_path / "m")
     assert info["format"] == "sharded" and info["path"] == index

@@ -14,7 +14,6 @@ import torch
 from compare import assert_same
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import nn
 
 import pyckpt
 from pyckpt.sinks import sharded_writer
@@ -22,7 +21,7 @@ from pyckpt.sinks.sharded_writer import pack_shards, parse_size
 
 
 def _source(tmp_path, width=8) -> tuple[str, dict[str, torch.Tensor]]:
-    state_dict = nn.DataParallel(factory.seeded_net(width=width)).state_dict()
+    state_dict = factory.dp_state_dict(factory.seeded_net(width=width))
     path = factory.save(state_dict, tmp_path / "src.pt")
     reference = {key.removeprefix("module."): value for key, value in torch.load(path, weights_only=True).items()}
     return path, reference
