@@ -46,7 +46,7 @@ class Wide(nn.Module):
 
 def make_files(directory: str) -> None:
     """The checkpoints every case reads (written once by the test process)."""
-    from factory import rezip  # tests/factory.py
+    from factory import dp_state_dict, rezip  # tests/factory.py
     import zipfile
 
     torch.manual_seed(0)
