@@ -188,6 +188,27 @@ def test_cuda_load_state_dict_comes_after_work_queued_on_the_callers_stream(back
 
 @needs_cuda
 @pytest.mark.cuda
+def test_cuda_memory_freed_under_queued_copies_is_not_handed_out_again(tmp_path):
+    """A model built on the default stream, loaded under a side stream whose queue holds the
+    copies back, then dropped: its parameters' blocks return to the default stream's pool, and
+    new tensors made there at once must not receive the late copies' bytes."""
+    require_backend("native")  # the ring's copies; param.copy_ (Python backend) is torch's own case
+    source = factory.seeded_net()
+    path = factory.save(factory.dp_state_dict(source), tmp_path / "dp.pt")
+    target = factory.Net().cuda()
+    sizes = [tensor.numel() for tensor in target.state_dict().values() if tensor.is_floating_point()]
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        assert pyckpt.load_state_dict(target, path).missing_keys == []
+    del target
+    fresh = [torch.full((n,), 9.0, device="cuda") for n in sizes]
+    torch.cuda.synchronize()
+    assert [n for n, tensor in zip(sizes, fresh) if not bool((tensor == 9).all())] == []
+
+
+@needs_cuda
+@pytest.mark.cuda
 def test_cuda_loads_back_to_back_keep_their_own_bytes(backend, tmp_path, monkeypatch):
     """The same through pyckpt.load, files loaded one after another behind a busy stream."""
     monkeypatch.setenv("PYCKPT_RING_MB", "2")

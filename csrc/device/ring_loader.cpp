@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <thread>
 
 namespace pyckpt {
@@ -116,7 +117,12 @@ class StreamTransfer final : public Transfer {
   }
 
   void copy(int stream, const at::Tensor& host, const Span::Part& part, const DevicePiece& piece) override {
-    c10::StreamGuard guard(streams_[static_cast<size_t>(stream)]);
+    const c10::Stream& on = streams_[static_cast<size_t>(stream)];
+    // The caching allocator orders a freed block only against the stream it was allocated on:
+    // a destination made on another stream than the caller's, freed right after the load, must
+    // not be handed out again while these copies still write it.
+    if (recorded_.emplace(piece.dest.storage().data(), stream).second) piece.dest.record_stream(on);
+    c10::StreamGuard guard(on);
     piece.dest.narrow(0, static_cast<int64_t>(piece.dest_offset + part.piece_offset), static_cast<int64_t>(part.length))
         .copy_(host.narrow(0, static_cast<int64_t>(part.span_offset), static_cast<int64_t>(part.length)),
                /*non_blocking=*/true);
@@ -144,6 +150,7 @@ class StreamTransfer final : public Transfer {
   CopiesOut& copies_out_;
   c10::Stream caller_stream_{c10::Stream::DEFAULT, at::Device(at::kCPU)};
   std::vector<c10::Stream> streams_;
+  std::set<std::pair<const void*, int>> recorded_;  // (destination storage, stream) pairs
 };
 
 class CpuTransfer final : public Transfer {
