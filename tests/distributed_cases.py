@@ -411,15 +411,61 @@ def _error_of(call: Callable[[], Any]) -> dict[str, Any]:
     return {"error_type": None, "error": None}
 
 
+# --- CUDA targets: two gloo ranks on one GPU (gloo broadcasts CUDA tensors), so the group's
+# exchange into device memory runs on a machine with a single GPU, where NCCL cannot ---------
+
+
+def cuda_group_load_state_dict(ctx: dict[str, Any]) -> dict[str, Any]:
+    model = Wide().cuda()
+    _, read = measured(lambda: pyckpt.load_state_dict(model, ctx["dp.pt"], process_group=dist.group.WORLD))
+    return {"wrong": full_equal(model, ctx["expected_cuda"]), "read": read, "total": ctx["state_bytes"]}
+
+
+def cuda_group_load(ctx: dict[str, Any]) -> dict[str, Any]:
+    from compare import assert_same  # tests/compare.py: values, dtypes, shapes, strides, sharing
+
+    loaded, read = measured(lambda: pyckpt.load(ctx["plain.pt"], map_location="cuda", process_group=dist.group.WORLD))
+    try:
+        assert_same(ctx["expected_cuda"], loaded)
+        wrong = None
+    except AssertionError as exc:
+        wrong = str(exc)
+    return {"wrong": wrong, "read": read, "total": ctx["state_bytes"]}
+
+
+def cuda_group_load_state_dict_dcp(ctx: dict[str, Any]) -> dict[str, Any]:
+    model = Wide().cuda()
+    _, read = measured(lambda: pyckpt.load_state_dict(model, ctx["saved-dcp"], process_group=dist.group.WORLD))
+    return {"wrong": full_equal(model, ctx["expected_cuda"]), "read": read, "total": ctx["state_bytes_per_key"]}
+
+
+def cuda_group_on_a_side_stream(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Under ``torch.cuda.stream(side)``, with the side stream's queue holding work back: the
+    bytes a rank broadcasts must be those its reads put in place, on whichever stream."""
+    model = Wide().cuda()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        pyckpt.load_state_dict(model, ctx["dp.pt"], process_group=dist.group.WORLD)
+    torch.cuda.synchronize()
+    return {"wrong": full_equal(model, ctx["expected_cuda"])}
+
+
 CASES = [function for name, function in list(globals().items()) if name.startswith(("dtensor_", "group_"))]
+CUDA_CASES = [function for name, function in list(globals().items()) if name.startswith("cuda_")]
 
 
-def worker(rank: int, world: int, port: int, backend: str, work: str, results: str) -> None:
+def worker(rank: int, world: int, port: int, backend: str, work: str, results: str, on_cuda: bool = False) -> None:
+    """Every case (``on_cuda``: every CUDA case, on cuda:0) on this rank of a gloo group."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    if on_cuda:
+        torch.cuda.set_device(0)
     expected = reference(work)
     ctx = {"rank": rank, "world": world, "work": work, "expected": expected,
+           "expected_cuda": torch.load(os.path.join(work, "plain.pt"), map_location="cuda", weights_only=True) if on_cuda
+           else None,
            "state_bytes": unique_bytes(expected.values()),
            "state_bytes_per_key": sum(t.numel() * t.element_size() for t in expected.values())}
     for name in ("dp.pt", "plain.pt", "deflate.pt", "model.safetensors", "sharded", "saved-dcp"):
@@ -428,7 +474,7 @@ def worker(rank: int, world: int, port: int, backend: str, work: str, results: s
     outcomes: dict[str, Any] = {}
     with use_backend(backend):
         pyckpt.load_state_dict(Wide(), ctx["dp.pt"])  # first use: lazy imports read .py files
-        for case in CASES:
+        for case in CUDA_CASES if on_cuda else CASES:
             try:
                 outcomes[case.__name__] = {"ok": True, "facts": case(ctx)}
             except Exception:  # noqa: BLE001 - reported to the test
