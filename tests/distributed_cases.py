@@ -275,11 +275,16 @@ def group_load_state_dict(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def group_load(ctx: dict[str, Any]) -> dict[str, Any]:
+    return _group_load_like_torch(ctx, ctx["expected"])
+
+
+def _group_load_like_torch(ctx: dict[str, Any], expected: Any, **options: Any) -> dict[str, Any]:
+    """``load`` of the plain file on the group against torch's load of it (``expected``)."""
     from compare import assert_same  # tests/compare.py: values, dtypes, shapes, strides, sharing
 
-    loaded, read = measured(lambda: pyckpt.load(ctx["plain.pt"], process_group=dist.group.WORLD))
+    loaded, read = measured(lambda: pyckpt.load(ctx["plain.pt"], process_group=dist.group.WORLD, **options))
     try:
-        assert_same(ctx["expected"], loaded)
+        assert_same(expected, loaded)
         wrong = None
     except AssertionError as exc:
         wrong = str(exc)
@@ -422,15 +427,7 @@ def cuda_group_load_state_dict(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def cuda_group_load(ctx: dict[str, Any]) -> dict[str, Any]:
-    from compare import assert_same  # tests/compare.py: values, dtypes, shapes, strides, sharing
-
-    loaded, read = measured(lambda: pyckpt.load(ctx["plain.pt"], map_location="cuda", process_group=dist.group.WORLD))
-    try:
-        assert_same(ctx["expected_cuda"], loaded)
-        wrong = None
-    except AssertionError as exc:
-        wrong = str(exc)
-    return {"wrong": wrong, "read": read, "total": ctx["state_bytes"]}
+    return _group_load_like_torch(ctx, ctx["expected_cuda"], map_location="cuda")
 
 
 def cuda_group_load_state_dict_dcp(ctx: dict[str, Any]) -> dict[str, Any]:
