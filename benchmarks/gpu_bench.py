@@ -1,7 +1,8 @@
 """GPU load benchmark: one prepared run on a CUDA machine, from a fresh copy of the repository.
 
-    python benchmarks/gpu_bench.py [--size-gib 8] [--repeat 3] [--data-dir DIR] [--skip-build] [--skip-tests]
+    python benchmarks/gpu_bench.py [--size-gib 4] [--repeat 2] [--data-dir DIR] [--skip-build] [--skip-tests]
                                    [--ring-mb M] [--ring-buffers N] [--streams S] [--readers R] [--dry-run]
+                                   [--trace PATH] [--deadline-s 540]
 
 1. builds the extension in place (``setup.py build_ext --inplace``), prints the backend;
 2. runs the CUDA tests (``tests/test_device.py tests/test_load.py tests/test_distributed.py tests/test_cpp_api.py tests/test_dcp_input.py -k "cuda or device"``);
@@ -12,7 +13,12 @@
 7. profiles one more load (``gpu_overlap.py``): copies per stream, their overlap, the caller;
 8. runs ``bench_distributed.py`` on one rank over NCCL (cooperative and FSDP2 loads, <= 1 GiB).
 
-The exit status is 1 when the build, a test or a check failed (the benchmark runs anyway).
+The exit status is 1 when the build, a test or a check failed (the benchmark runs anyway), or
+when a step was skipped for ``--deadline-s`` (seconds from the start of the script, default 540,
+under the 600 s a command may run): a step, or a child load, that would not fit in the time left
+is skipped with a ``SKIPPED: deadline`` line, every subprocess's timeout is cut to the time left,
+and a timed-out subprocess is killed with its whole process group (ranks, compilers, pytest's
+workers). A load that times out skips its row's other repeats and the profile (step 7).
 ``--dry-run`` runs every step with a tiny checkpoint, on the CPU where there is no CUDA.
 """
 
@@ -35,10 +41,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+SCRIPT_START = time.monotonic()  # --deadline-s counts from here, before torch's import
 
-from common import (
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bounded_run import Deadline, limit_text, output_tail, run_bounded, tail  # noqa: E402
+from common import (  # noqa: E402
     DEFAULT_DATA_DIR,
     DP_PREFIX,
     GIB,
@@ -65,14 +74,27 @@ from common import (
     warm_page_cache,
 )
 
-DEFAULT_SIZE_GIB = 8.0
+DEFAULT_SIZE_GIB = 4.0
+DEFAULT_REPEAT = 2
+DEFAULT_DEADLINE_S = 540.0  # from the start of the script; one command may run 600 s
 DRY_RUN_SIZE_GIB = 0.05
 BANDWIDTH_BYTES = 1 << 30
 BANDWIDTH_REPEAT = 10
 BUILD_TIMEOUT_S = 480
 TESTS_TIMEOUT_S = 300
-CHILD_TIMEOUT_S = 240  # one load of 16 GB by the slowest row takes well under a minute
-DISTRIBUTED_TIMEOUT_S = 600  # generating its <= 1 GiB checkpoint once, then six loads
+CHILD_TIMEOUT_S = 90  # one load of 4 GiB by the slowest row (torch.load) takes a few seconds
+DISTRIBUTED_TIMEOUT_S = 180  # generating its <= 1 GiB checkpoint once, then six loads
+TAIL_LINES = 40  # of a timed-out or failed subprocess's output
+# The least time left, in seconds, for which a step (or one child load) is started at all.
+STEP_MIN_S = {
+    "build": 60,
+    "tests": 20,
+    "bandwidth": 10,
+    "checkpoint": 30,
+    "load": 20,
+    "profile": 30,
+    "distributed": 60,
+}
 DISTRIBUTED_MAX_GIB = 1.0  # world size 1 says whether the NCCL paths work, not how they scale
 DISK_MARGIN = 2 * GIB
 TARGET_PINNED_SHARE = 0.80
@@ -90,34 +112,25 @@ def section(title: str) -> None:
     print(f"\n{'=' * 20} {title} {'=' * max(0, 58 - len(title))}", flush=True)
 
 
-def tail(text: str, lines: int) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
 # --------------------------------------------------------------------------- 1. build
 
 
-def build_extension() -> bool:
+def build_extension(deadline: Deadline) -> bool:
     """Compile ``pyckpt._core`` and ``pyckpt._ring`` in place (the repository is on sys.path via common.py)."""
     ninja = shutil.which("ninja") is not None
     print(f"$ {sys.executable} setup.py build_ext --inplace   (ninja: {'yes' if ninja else 'NO, serial compile'})")
     env = {**os.environ, "MAX_JOBS": str(os.cpu_count() or 1)}
     start = time.perf_counter()
-    try:
-        done = subprocess.run(
-            [sys.executable, "setup.py", "build_ext", "--inplace"],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired as exc:
-        print(f"BUILD TIMED OUT after {BUILD_TIMEOUT_S} s:\n{tail(str(exc.stdout or '') + str(exc.stderr or ''), 40)}")
+    limit = deadline.limit(BUILD_TIMEOUT_S)
+    returncode, stdout, stderr = run_bounded(
+        [sys.executable, "setup.py", "build_ext", "--inplace"], limit, cwd=REPO_ROOT, env=env
+    )
+    if returncode is None:
+        print(f"BUILD TIMED OUT after {limit_text(limit, BUILD_TIMEOUT_S)}:\n{output_tail(stdout, stderr)}")
         return False
     seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        print(f"BUILD FAILED (exit {done.returncode}, {seconds:.0f} s):\n{tail(done.stdout + done.stderr, 40)}")
+    if returncode != 0:
+        print(f"BUILD FAILED (exit {returncode}, {seconds:.0f} s):\n{tail(stdout + stderr, TAIL_LINES)}")
         return False
     print(f"built in {seconds:.0f} s")
     return True
@@ -139,7 +152,7 @@ class TestOutcome:
         return f"{'ok' if self.ok else 'FAILED'} ({counts})"
 
 
-def run_tests() -> TestOutcome:
+def run_tests(deadline: Deadline) -> TestOutcome:
     try:
         import pytest  # noqa: F401
     except ImportError:
@@ -157,15 +170,17 @@ def run_tests() -> TestOutcome:
         "tests/test_dcp_input.py",
         "-k",
         "cuda or device",
+        "-o",
+        "faulthandler_timeout=120",  # a hung test dumps every thread's stack into the output
     ]
     print("$ " + shlex.join(["python", *command[1:]]))
-    try:
-        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        print(f"TESTS TIMED OUT after {TESTS_TIMEOUT_S} s")
+    limit = deadline.limit(TESTS_TIMEOUT_S)
+    returncode, stdout, stderr = run_bounded(command, limit, cwd=REPO_ROOT)
+    if returncode is None:
+        print(f"TESTS TIMED OUT after {limit_text(limit, TESTS_TIMEOUT_S)}:\n{output_tail(stdout, stderr)}")
         return TestOutcome(ran=True, ok=False)
-    output = done.stdout + done.stderr
-    print(tail(output, 30 if done.returncode else 3))
+    output = stdout + stderr
+    print(tail(output, 30 if returncode else 3))
     summary = next(
         (line for line in reversed(output.splitlines()) if re.search(r"\d+ (passed|failed|skipped|error)", line)), ""
     )
@@ -173,7 +188,7 @@ def run_tests() -> TestOutcome:
         kind: int(n)
         for n, kind in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)", summary)
     }
-    return TestOutcome(ran=True, ok=done.returncode == 0, counts=counts)
+    return TestOutcome(ran=True, ok=returncode == 0, counts=counts)
 
 
 # --------------------------------------------------------------------------- 3. bandwidth
@@ -348,6 +363,8 @@ class LoadRun:
     host_rss_growth: int = 0  # bytes the first load added to the resident set at its peak
     problems: list[str] = field(default_factory=list)
     error: str | None = None
+    timed_out: bool = False
+    output_tail: str = ""  # the parent's: a failed or timed-out child's last output lines
 
 
 def synchronize(device: torch.device) -> None:
@@ -383,7 +400,7 @@ def run_child(row: LoadRow, checkpoint: Checkpoint, device: torch.device) -> Non
     print(RESULT_MARKER + json.dumps(asdict(run)), flush=True)
 
 
-def spawn_child(row: LoadRow, checkpoint: Checkpoint, device: str) -> LoadRun:
+def spawn_child(row: LoadRow, checkpoint: Checkpoint, device: str, deadline: Deadline) -> LoadRun:
     script = str(Path(__file__).resolve())
     command = [
         sys.executable,
@@ -395,15 +412,23 @@ def spawn_child(row: LoadRow, checkpoint: Checkpoint, device: str) -> LoadRun:
         "--device",
         device,
     ]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return LoadRun(error=f"timed out after {CHILD_TIMEOUT_S} s")
-    for line in reversed(done.stdout.splitlines()):
+    limit = deadline.limit(CHILD_TIMEOUT_S)
+    returncode, stdout, stderr = run_bounded(command, limit, cwd=REPO_ROOT)
+    if returncode is None:
+        return LoadRun(
+            error=f"TIMED OUT after {limit_text(limit, CHILD_TIMEOUT_S)}",
+            timed_out=True,
+            output_tail=output_tail(stdout, stderr),
+        )
+    last = (stderr.strip().splitlines() or [f"exit status {returncode}"])[-1]
+    for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
-            return LoadRun(**json.loads(line[len(RESULT_MARKER) :]))
-    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    return LoadRun(error=f"child exited {done.returncode}: {last}")
+            run = LoadRun(**json.loads(line[len(RESULT_MARKER) :]))
+            if returncode != 0:  # a crash after the result (teardown, the ring's threads) is a failure too
+                run.error = f"child exited {returncode} after its result: {last}"
+                run.output_tail = output_tail("", stderr)
+            return run
+    return LoadRun(error=f"child exited {returncode}: {last}", output_tail=output_tail("", stderr))
 
 
 # --------------------------------------------------------------------------- reporting
@@ -413,6 +438,11 @@ def spawn_child(row: LoadRow, checkpoint: Checkpoint, device: str) -> LoadRun:
 class RowResult:
     row: LoadRow
     runs: list[LoadRun]
+    skipped: int = 0  # runs not started for the deadline
+
+    @property
+    def timed_out(self) -> bool:
+        return any(run.timed_out for run in self.runs)
 
     @property
     def ok_runs(self) -> list[LoadRun]:
@@ -437,16 +467,31 @@ class RowResult:
         return None
 
 
-def measure(rows: Sequence[LoadRow], checkpoint: Checkpoint, device: str, repeat: int) -> dict[str, RowResult]:
-    """Every row ``repeat`` times, round-robin so drifts of the machine hit all rows alike."""
+def measure(
+    rows: Sequence[LoadRow], checkpoint: Checkpoint, device: str, repeat: int, deadline: Deadline
+) -> dict[str, RowResult]:
+    """Every row ``repeat`` times, round-robin so drifts of the machine hit all rows alike.
+
+    A row whose load timed out is not run again; a run that would not fit before the deadline
+    is skipped (counted in ``RowResult.skipped``)."""
     results = {row.key: RowResult(row, []) for row in rows}
     for round_number in range(1, repeat + 1):
         for row in rows:
+            result = results[row.key]
+            prefix = f"  [{round_number}/{repeat}] {row.name(device)}: "
+            if result.timed_out:
+                print(prefix + "skipped (an earlier run of this row timed out)", flush=True)
+                continue
+            if not deadline.allows("load", indent=prefix):
+                result.skipped += 1
+                continue
             warm(row.input_path(checkpoint))
-            run = spawn_child(row, checkpoint, device)
-            results[row.key].runs.append(run)
+            run = spawn_child(row, checkpoint, device, deadline)
+            result.runs.append(run)
             status = run.error or f"{run.first_s:.3f} s, again {run.again_s:.3f} s" + (" WRONG" if run.problems else "")
-            print(f"  [{round_number}/{repeat}] {row.name(device)}: {status}", flush=True)
+            print(prefix + status, flush=True)
+            if run.output_tail:
+                print("\n".join("      " + line for line in run.output_tail.splitlines()), flush=True)
     return results
 
 
@@ -469,9 +514,18 @@ def result_rows(
         size = result.row.input_path(checkpoint).stat().st_size
         seconds = result.median("first")
         rate = size / seconds / 1e9
-        speedup = baseline.median("first") / seconds if baseline and not baseline.failure else float("nan")
+        usable = baseline is not None and not baseline.failure and baseline.ok_runs
+        speedup = baseline.median("first") / seconds if usable else float("nan")
         growth = max((run.host_rss_growth for run in result.ok_runs), default=0)
-        check = result.failure or ("ok" + (f" ({result.row.tolerated})" if result.row.tolerated else ""))
+        if result.failure:
+            check = result.failure
+        elif not result.runs:
+            check = "SKIPPED: deadline"
+        else:
+            notes = [result.row.tolerated] if result.row.tolerated else []
+            if result.skipped:
+                notes.append(f"{len(result.runs)} of {len(result.runs) + result.skipped} runs: deadline")
+            check = "ok" + (f" ({'; '.join(notes)})" if notes else "")
         rows.append(
             (
                 result.row.name(device),
@@ -494,7 +548,7 @@ def verdict(
     lines = []
     for key in CONTENDERS:
         result = results.get(key)
-        if result is None or result.failure or baseline is None or baseline.failure:
+        if any(r is None or r.failure or not r.ok_runs for r in (result, baseline)):
             lines.append(f"verdict ({key}): none (the row or the torch.load baseline was not run, failed or was wrong)")
             continue
         rate = checkpoint.pt_path.stat().st_size / result.median("first") / 1e9
@@ -512,164 +566,18 @@ def verdict(
     return lines
 
 
-def nvidia_smi() -> str:
-    query = "name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current"
-    try:
-        done = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
-        )
-        return done.stdout.strip() or done.stderr.strip()
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"nvidia-smi unavailable ({exc.__class__.__name__})"
-
-
-def profile_overlap(checkpoint: Checkpoint, trace: Path | None) -> bool:
-    script = Path(__file__).resolve().with_name("gpu_overlap.py")
-    command = [sys.executable, str(script), "--checkpoint-dir", str(checkpoint.directory)]
-    command += ["--trace", str(trace)] if trace else []
-    try:
-        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        print(f"PROFILE TIMED OUT after {CHILD_TIMEOUT_S} s")
-        return False
-    print((done.stdout + done.stderr).rstrip())
-    return done.returncode == 0
-
-
-def distributed_loads(data_dir: Path, size_gib: float, has_cuda: bool) -> bool:
-    """``bench_distributed.py`` on one rank: NCCL on the GPU, gloo on the CPU without CUDA."""
-    script = Path(__file__).resolve().with_name("bench_distributed.py")
-    backend = "nccl" if has_cuda else "gloo"
-    size = min(DISTRIBUTED_MAX_GIB, size_gib)  # --dry-run's size is already tiny
-    arguments = ["--backend", backend, "--world-sizes", "1", "--size-gib", f"{size:g}", "--cache", "warm"]
-    command = [sys.executable, str(script), *arguments, "--data-dir", str(data_dir)]
-    print("$ " + shlex.join(["python", "benchmarks/bench_distributed.py", *arguments]))
-    try:
-        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=DISTRIBUTED_TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        print(f"DISTRIBUTED LOADS TIMED OUT after {DISTRIBUTED_TIMEOUT_S} s:\n{tail(str(exc.stdout or ''), 20)}")
-        return False
-    print(done.stdout.rstrip())
-    if done.returncode != 0:
-        print(f"exit status {done.returncode}:\n{tail(done.stderr, 30)}")
-    return done.returncode == 0
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--size-gib",
-        type=float,
-        help=f"checkpoint size (default {DEFAULT_SIZE_GIB:g}; {DRY_RUN_SIZE_GIB} with --dry-run)",
-    )
-    parser.add_argument(
-        "--repeat", type=int, help="fresh processes per row; the median is shown (default 3; 1 with --dry-run)"
-    )
-    parser.add_argument(
-        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"checkpoint cache (default {DEFAULT_DATA_DIR})"
-    )
-    parser.add_argument("--skip-build", action="store_true", help="use the extension as it is")
-    parser.add_argument("--skip-tests", action="store_true", help="do not run the CUDA tests")
-    parser.add_argument("--trace", type=Path, help="where step 7 writes its chrome trace (default: the data dir)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny checkpoint; on the CPU where there is no CUDA")
-    for flag, variable in RING_SETTINGS.items():
-        parser.add_argument("--" + flag.replace("_", "-"), type=int, help=f"sets {variable}")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--device", help=argparse.SUPPRESS)
-    return parser.parse_args()
-
-
-def main() -> int:
-    args = parse_args()
-    if args.child is not None:
-        row = next(row for row in ROWS if row.key == args.child)
-        run_child(row, Checkpoint.read(args.checkpoint_dir), torch.device(args.device))
-        return 0
-
-    started = time.perf_counter()
-    for flag, variable in RING_SETTINGS.items():  # children and tests inherit them
-        if getattr(args, flag) is not None:
-            os.environ[variable] = str(getattr(args, flag))
-    has_cuda = torch.cuda.is_available()
-    if not has_cuda and not args.dry_run:
-        print("no CUDA device: run with --dry-run to exercise the script on the CPU", file=sys.stderr)
-        return 2
-    device = "cuda" if has_cuda else "cpu"
-    size_gib = args.size_gib or (DRY_RUN_SIZE_GIB if args.dry_run else DEFAULT_SIZE_GIB)
-    repeat = args.repeat or (1 if args.dry_run else 3)
-    failures: list[str] = []
-
-    print(
-        f"date     {datetime.datetime.now().isoformat(timespec='seconds')}" + ("   (DRY RUN)" if args.dry_run else "")
-    )
-    print(f"GPU      {torch.cuda.get_device_name() if has_cuda else 'none (no CUDA): loads go to the CPU'}")
-    print(f"         nvidia-smi: {nvidia_smi()}")
-    print(f"software python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    with open("/proc/meminfo") as f:
-        mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
-    print(f"machine  {os.cpu_count()} CPUs, {mem_kib / (1 << 20):.0f} GiB RAM, {platform.platform()}")
-
-    section("1. build")
-    if args.skip_build:
-        print("skipped (--skip-build)")
-    elif not build_extension():
-        failures.append("build")
+def print_results(
+    results: Mapping[str, RowResult],
+    checkpoint: Checkpoint,
+    device: str,
+    repeat: int,
+    pinned_best: float | None,
+    has_cuda: bool,
+    failures: list[str],
+) -> None:
+    """Step 6: the table, the verdicts and a markdown copy; a wrong or failed row adds "checks"."""
     import pyckpt
-    from pyckpt._env import io_threads
-    from pyckpt.execute.device import ring_config
 
-    print(f"pyckpt.backend_info(): {pyckpt.backend_info()}")
-    ring = ring_config()
-    settings = ", ".join(f"{v}={os.environ.get(v, '(default)')}" for v in RING_SETTINGS.values())
-    print(
-        f"ring     {ring.buffers} x {ring.buffer_bytes >> 20} MiB pinned, {ring.streams} streams, "
-        f"{ring.readers} readers  [{settings}]; {io_threads()} host io threads (PYCKPT_THREADS)"
-    )
-
-    section("2. CUDA tests")
-    if args.skip_tests:
-        print("skipped (--skip-tests)")
-    else:
-        outcome = run_tests()
-        print(f"tests: {outcome.summary()}")
-        if not outcome.ok:
-            failures.append("tests")
-
-    section("3. host-to-device bandwidth")
-    pinned_best: float | None = None
-    if has_cuda:
-        rates = h2d_bandwidth(BANDWIDTH_BYTES, BANDWIDTH_REPEAT)
-        for kind, values in rates.items():
-            best, median = max(values), statistics.median(values)
-            print(
-                f"{kind:9s} {BANDWIDTH_BYTES >> 20} MiB x {len(values)}: best {best:.2f} GB/s, median {median:.2f} GB/s"
-            )
-        pinned_best = max(rates["pinned"])
-    else:
-        print("skipped: no CUDA (the % of pinned bandwidth column reads n/a)")
-
-    section("4. checkpoint")
-    with_safetensors, disk_note = wants_safetensors(args.data_dir, size_gib)
-    print(f"data dir {args.data_dir}: {filesystem_of(args.data_dir)}; {disk_note}")
-    checkpoint = prepare_checkpoint(args.data_dir, size_gib, with_safetensors=with_safetensors)
-    rows = [row for row in ROWS if with_safetensors or not row.reads_safetensors]
-    for path in sorted({row.input_path(checkpoint) for row in rows}):
-        warm_page_cache(path)
-        print(f"{path} ({path.stat().st_size / GIB:.2f} GiB), {cached_fraction(path):.0%} in the page cache")
-
-    section("5. loads")
-    print(
-        f"each run: a fresh subprocess; untimed: imports, the CUDA context, the model (built on {device}, filled\n"
-        f"with NaN); timed: the call + torch.cuda.synchronize(); '2nd load': the same call again in that process\n"
-        f"(pinned ring and caching allocator warm). GB/s = file bytes / median time of the first load."
-    )
-    results = measure(rows, checkpoint, device, repeat)
-
-    section("6. results")
     cfg = checkpoint.config
     print(
         f"checkpoint: DataParallel LM fp32, width {cfg.width}, {cfg.depth} blocks, tied embedding, "
@@ -699,22 +607,227 @@ def main() -> int:
     for line in markdown_table(header[:-1] + ("check",), [row[:-1] + (row[-1].split(" (")[0],) for row in table]):
         print(line)
 
-    section("7. overlap of reads, copies and the caller")
-    if has_cuda:
-        if not profile_overlap(checkpoint, args.trace):
-            failures.append("overlap profile")
-    else:
-        print("skipped: no CUDA")
 
-    section("8. distributed loads (one rank)")
-    if not distributed_loads(args.data_dir, size_gib, has_cuda):
-        failures.append("distributed loads")
+def nvidia_smi() -> str:
+    query = "name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current"
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
+        return done.stdout.strip() or done.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"nvidia-smi unavailable ({exc.__class__.__name__})"
+
+
+def profile_overlap(checkpoint: Checkpoint, trace: Path | None, deadline: Deadline) -> bool:
+    script = Path(__file__).resolve().with_name("gpu_overlap.py")
+    command = [sys.executable, str(script), "--checkpoint-dir", str(checkpoint.directory)]
+    command += ["--trace", str(trace)] if trace else []
+    limit = deadline.limit(CHILD_TIMEOUT_S)
+    returncode, stdout, stderr = run_bounded(command, limit, cwd=REPO_ROOT)
+    if returncode is None:
+        print(f"PROFILE TIMED OUT after {limit_text(limit, CHILD_TIMEOUT_S)}:\n{output_tail(stdout, stderr)}")
+        return False
+    print((stdout + stderr).rstrip())
+    return returncode == 0
+
+
+def distributed_loads(data_dir: Path, size_gib: float, has_cuda: bool, deadline: Deadline) -> bool:
+    """``bench_distributed.py`` on one rank: NCCL on the GPU, gloo on the CPU without CUDA."""
+    script = Path(__file__).resolve().with_name("bench_distributed.py")
+    backend = "nccl" if has_cuda else "gloo"
+    size = min(DISTRIBUTED_MAX_GIB, size_gib)  # --dry-run's size is already tiny
+    arguments = ["--backend", backend, "--world-sizes", "1", "--size-gib", f"{size:g}", "--cache", "warm"]
+    command = [sys.executable, str(script), *arguments, "--data-dir", str(data_dir)]
+    print("$ " + shlex.join(["python", "benchmarks/bench_distributed.py", *arguments]))
+    limit = deadline.limit(DISTRIBUTED_TIMEOUT_S)
+    returncode, stdout, stderr = run_bounded(command, limit, cwd=REPO_ROOT)
+    if returncode is None:
+        print(
+            f"DISTRIBUTED LOADS TIMED OUT after {limit_text(limit, DISTRIBUTED_TIMEOUT_S)}:\n"
+            f"{output_tail(stdout, stderr)}"
+        )
+        return False
+    print(stdout.rstrip())
+    if returncode != 0:
+        print(f"exit status {returncode}:\n{tail(stderr, 30)}")
+    return returncode == 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--size-gib",
+        type=float,
+        help=f"checkpoint size (default {DEFAULT_SIZE_GIB:g}; {DRY_RUN_SIZE_GIB} with --dry-run)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help=f"fresh processes per row; the median is shown (default {DEFAULT_REPEAT}; 1 with --dry-run)",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"checkpoint cache (default {DEFAULT_DATA_DIR})"
+    )
+    parser.add_argument("--skip-build", action="store_true", help="use the extension as it is")
+    parser.add_argument("--skip-tests", action="store_true", help="do not run the CUDA tests")
+    parser.add_argument("--trace", type=Path, help="where step 7 writes its chrome trace (default: the data dir)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny checkpoint; on the CPU where there is no CUDA")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=DEFAULT_DEADLINE_S,
+        help=f"seconds from the start of the script after which no step starts and every subprocess is "
+        f"killed; the results measured by then are printed (default {DEFAULT_DEADLINE_S:g})",
+    )
+    for flag, variable in RING_SETTINGS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), type=int, help=f"sets {variable}")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--device", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.child is not None:
+        row = next(row for row in ROWS if row.key == args.child)
+        run_child(row, Checkpoint.read(args.checkpoint_dir), torch.device(args.device))
+        return 0
+
+    deadline = Deadline(args.deadline_s, SCRIPT_START, STEP_MIN_S)
+    for flag, variable in RING_SETTINGS.items():  # children and tests inherit them
+        if getattr(args, flag) is not None:
+            os.environ[variable] = str(getattr(args, flag))
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda and not args.dry_run:
+        print("no CUDA device: run with --dry-run to exercise the script on the CPU", file=sys.stderr)
+        return 2
+    device = "cuda" if has_cuda else "cpu"
+    size_gib = args.size_gib or (DRY_RUN_SIZE_GIB if args.dry_run else DEFAULT_SIZE_GIB)
+    repeat = args.repeat or (1 if args.dry_run else DEFAULT_REPEAT)
+    failures: list[str] = []
+    skipped: list[str] = []  # steps (or loads) left out, for the deadline unless they say why
 
     print(
-        f"\ntotal {time.perf_counter() - started:.0f} s; "
-        + (f"FAILED: {', '.join(failures)}" if failures else "all steps ok")
+        f"date     {datetime.datetime.now().isoformat(timespec='seconds')}" + ("   (DRY RUN)" if args.dry_run else "")
     )
-    return 1 if failures else 0
+    print(f"GPU      {torch.cuda.get_device_name() if has_cuda else 'none (no CUDA): loads go to the CPU'}")
+    print(f"         nvidia-smi: {nvidia_smi()}")
+    print(f"software python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    with open("/proc/meminfo") as f:
+        mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    print(f"machine  {os.cpu_count()} CPUs, {mem_kib / (1 << 20):.0f} GiB RAM, {platform.platform()}")
+    print(f"deadline {deadline.seconds:g} s from the start of the script ({deadline.left():.0f} s left)")
+
+    section("1. build")
+    if args.skip_build:
+        print("skipped (--skip-build)")
+    elif not deadline.allows("build"):
+        skipped.append("build")
+    elif not build_extension(deadline):
+        failures.append("build")
+    import pyckpt
+    from pyckpt._env import io_threads
+    from pyckpt.execute.device import ring_config
+
+    print(f"pyckpt.backend_info(): {pyckpt.backend_info()}")
+    ring = ring_config()
+    settings = ", ".join(f"{v}={os.environ.get(v, '(default)')}" for v in RING_SETTINGS.values())
+    print(
+        f"ring     {ring.buffers} x {ring.buffer_bytes >> 20} MiB pinned, {ring.streams} streams, "
+        f"{ring.readers} readers  [{settings}]; {io_threads()} host io threads (PYCKPT_THREADS)"
+    )
+
+    section("2. CUDA tests")
+    if args.skip_tests:
+        print("skipped (--skip-tests)")
+    elif not deadline.allows("tests"):
+        skipped.append("tests")
+    else:
+        outcome = run_tests(deadline)
+        print(f"tests: {outcome.summary()}")
+        if not outcome.ok:
+            failures.append("tests")
+
+    section("3. host-to-device bandwidth")
+    pinned_best: float | None = None
+    if not has_cuda:
+        print("skipped: no CUDA (the % of pinned bandwidth column reads n/a)")
+    elif not deadline.allows("bandwidth"):
+        skipped.append("bandwidth")
+    else:
+        rates = h2d_bandwidth(BANDWIDTH_BYTES, BANDWIDTH_REPEAT)
+        for kind, values in rates.items():
+            best, median = max(values), statistics.median(values)
+            print(
+                f"{kind:9s} {BANDWIDTH_BYTES >> 20} MiB x {len(values)}: best {best:.2f} GB/s, median {median:.2f} GB/s"
+            )
+        pinned_best = max(rates["pinned"])
+
+    section("4. checkpoint")
+    checkpoint: Checkpoint | None = None
+    if not deadline.allows("checkpoint"):
+        skipped.append("checkpoint")
+    else:
+        with_safetensors, disk_note = wants_safetensors(args.data_dir, size_gib)
+        print(f"data dir {args.data_dir}: {filesystem_of(args.data_dir)}; {disk_note}")
+        checkpoint = prepare_checkpoint(args.data_dir, size_gib, with_safetensors=with_safetensors)
+        rows = [row for row in ROWS if with_safetensors or not row.reads_safetensors]
+        for path in sorted({row.input_path(checkpoint) for row in rows}):
+            warm_page_cache(path)
+            print(f"{path} ({path.stat().st_size / GIB:.2f} GiB), {cached_fraction(path):.0%} in the page cache")
+
+    section("5. loads")
+    results: dict[str, RowResult] = {}
+    if checkpoint is None:
+        print("SKIPPED: no checkpoint (step 4 was skipped)")
+        skipped.append("loads (no checkpoint)")
+    else:
+        print(
+            f"each run: a fresh subprocess; untimed: imports, the CUDA context, the model (built on {device}, filled\n"
+            f"with NaN); timed: the call + torch.cuda.synchronize(); '2nd load': the same call again in that process\n"
+            f"(pinned ring and caching allocator warm). GB/s = file bytes / median time of the first load."
+        )
+        results = measure(rows, checkpoint, device, repeat, deadline)
+        left_out = [f"{result.row.key} x{result.skipped}" for result in results.values() if result.skipped]
+        if left_out:
+            skipped.append(f"loads ({', '.join(left_out)})")
+    timed_out = [result.row.name(device) for result in results.values() if result.timed_out]
+
+    section("6. results")
+    if checkpoint is None:
+        print("SKIPPED: nothing was measured (no checkpoint)")
+    else:
+        print_results(results, checkpoint, device, repeat, pinned_best, has_cuda, failures)
+
+    section("7. overlap of reads, copies and the caller")
+    if timed_out:
+        print(f"SKIPPED: a load timed out in step 5 ({', '.join(timed_out)}): the ring is suspect")
+        skipped.append("overlap profile (a load timed out)")
+    elif not has_cuda:
+        print("skipped: no CUDA")
+    elif checkpoint is None:
+        print("SKIPPED: no checkpoint (step 4 was skipped)")
+        skipped.append("overlap profile (no checkpoint)")
+    elif not deadline.allows("profile"):
+        skipped.append("overlap profile")
+    elif not profile_overlap(checkpoint, args.trace, deadline):
+        failures.append("overlap profile")
+
+    section("8. distributed loads (one rank)")
+    if not deadline.allows("distributed"):
+        skipped.append("distributed loads")
+    elif not distributed_loads(args.data_dir, size_gib, has_cuda, deadline):
+        failures.append("distributed loads")
+
+    outcome_parts = [f"FAILED: {', '.join(failures)}"] if failures else []
+    outcome_parts += [f"SKIPPED (--deadline-s {deadline.seconds:g}): {', '.join(skipped)}"] if skipped else []
+    print(f"\ntotal {time.monotonic() - SCRIPT_START:.0f} s; " + ("; ".join(outcome_parts) or "all steps ok"))
+    return 1 if failures or skipped else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ to stay NaN (torch's own scalar and vectorised paths give NaNs different payload
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest

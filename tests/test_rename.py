@@ -8,7 +8,6 @@ import factory
 import pytest
 import torch
 from compare import assert_same
-from torch import nn
 
 import pyckpt
 from pyckpt.rename import make_key_map, rename_metadata, module_map_for, strip_auto
