@@ -193,10 +193,12 @@ def test_cuda_memory_freed_under_queued_copies_is_not_handed_out_again(tmp_path)
     copies back, then dropped: its parameters' blocks return to the default stream's pool, and
     new tensors made there at once must not receive the late copies' bytes."""
     require_backend("native")  # the ring's copies; param.copy_ (Python backend) is torch's own case
-    source = factory.seeded_net()
-    path = factory.save(factory.dp_state_dict(source), tmp_path / "dp.pt")
-    target = factory.Net().cuda()
-    sizes = [tensor.numel() for tensor in target.state_dict().values() if tensor.is_floating_point()]
+    torch.manual_seed(0)
+    # plain fp32 parameters only, so that every entry goes through the ring's copies
+    layers = [torch.nn.Linear(64, 256), torch.nn.Linear(256, 256), torch.nn.Linear(256, 64)]
+    path = factory.save(factory.dp_state_dict(torch.nn.Sequential(*layers)), tmp_path / "dp.pt")
+    target = torch.nn.Sequential(*(torch.nn.Linear(layer.in_features, layer.out_features) for layer in layers)).cuda()
+    sizes = [tensor.numel() for tensor in target.state_dict().values()]
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         torch.cuda._sleep(SLEEP_CYCLES)
