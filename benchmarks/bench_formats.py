@@ -50,34 +50,12 @@ checkpoint = Checkpoint.read(Path(sys.argv[1]))
 source, how = sys.argv[2], sys.argv[3]
 model = model_for(checkpoint)
 if how == "pread":  # the ceiling for these files: each tensor's bytes read into its parameter, untimed planning
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-    from pyckpt._env import io_threads
-    from pyckpt.index import index_checkpoint
-    from common import READ_BLOCK
-    params, jobs, seen = model.state_dict(keep_vars=True), [], set()
+    from bench_load_cpu import plan_file_preads, read_file_preads
     files = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else [Path(source)]
-    fds = [os.open(path, os.O_RDONLY) for path in files]
-    for fd, path in zip(fds, files):
-        with index_checkpoint(str(path)) as index:
-            for name, record in index.root.items():
-                if (path, record.storage.key) in seen:
-                    continue
-                seen.add((path, record.storage.key))
-                view = memoryview(params[name.removeprefix("module.")].detach().reshape(-1).view(torch.uint8).numpy())
-                start = record.storage.data_offset + record.storage_offset * record.dtype.itemsize
-                jobs += [(fd, start + at, view[at : at + READ_BLOCK]) for at in range(0, len(view), READ_BLOCK)]
-    def read(job):
-        fd, offset, dest = job
-        while dest:
-            count = os.preadv(fd, [dest], offset)
-            if count == 0:
-                raise EOFError(f"file ends before offset {offset}")
-            offset, dest = offset + count, dest[count:]
+    jobs = plan_file_preads(model, files)
 started = time.perf_counter()
 if how == "pread":
-    with ThreadPoolExecutor(max_workers=io_threads()) as pool:
-        list(pool.map(read, jobs))
+    read_file_preads(files, jobs)
 elif how == "pyckpt":
     pyckpt.load_state_dict(model, source, strict=False)
 else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -74,52 +74,64 @@ def safetensors_into_model(checkpoint: Checkpoint, model: nn.Module) -> Any:
 
 # ---------------------------------------------------------------- the parallel-pread ceiling
 
-ReadJob = tuple[int, memoryview]  # file offset, destination bytes
+ReadJob = tuple[int, int, memoryview]  # which file, file offset, destination bytes
 
 
-def plan_pread(checkpoint: Checkpoint) -> tuple[nn.Module, list[ReadJob]]:
-    """The model, and each storage's bytes cut in READ_BLOCK pieces (as pyckpt's reader does)
-    aimed at the parameter that owns them. Untimed: a ceiling for moving the bytes only."""
+def plan_file_preads(model: nn.Module, paths: Sequence[str | os.PathLike[str]]) -> list[ReadJob]:
+    """Each storage's bytes in ``paths`` (a pt file, safetensors files or shards) cut in
+    READ_BLOCK pieces (as pyckpt's reader does) aimed at the parameter of ``model`` that owns
+    them, a storage read once per file. Untimed: a ceiling for moving the bytes only."""
     from pyckpt.index import index_checkpoint
 
-    model = build_model(checkpoint.config)
     params = model.state_dict(keep_vars=True)
     jobs: list[ReadJob] = []
-    seen: set[str] = set()
-    with index_checkpoint(checkpoint.pt_path) as index:
-        for name, record in index.root.items():
-            storage = record.storage
-            if storage.key in seen:  # the tied weight: one storage, read once
-                continue
-            seen.add(storage.key)
-            dest = params[name.removeprefix(DP_PREFIX)].detach().reshape(-1).view(torch.uint8)
-            if record.storage_offset != 0 or dest.numel() != storage.nbytes:
-                raise RuntimeError(f"{name} does not fill its storage; the ceiling assumes it does")
-            view = memoryview(dest.numpy())
-            for start in range(0, storage.nbytes, READ_BLOCK):
-                jobs.append((storage.data_offset + start, view[start : start + READ_BLOCK]))
-    return model, jobs
+    for file, path in enumerate(paths):
+        seen: set[str] = set()
+        with index_checkpoint(os.fspath(path)) as index:
+            for name, record in index.root.items():
+                storage = record.storage
+                if storage.key in seen:  # the tied weight: one storage, read once
+                    continue
+                seen.add(storage.key)
+                dest = params[name.removeprefix(DP_PREFIX)].detach().reshape(-1).view(torch.uint8)
+                if record.storage_offset != 0 or dest.numel() != storage.nbytes:
+                    raise RuntimeError(f"{name} does not fill its storage; the ceiling assumes it does")
+                view = memoryview(dest.numpy())
+                for start in range(0, storage.nbytes, READ_BLOCK):
+                    jobs.append((file, storage.data_offset + start, view[start : start + READ_BLOCK]))
+    return jobs
 
 
-def pread_into_model(checkpoint: Checkpoint, state: tuple[nn.Module, list[ReadJob]]) -> None:
+def read_file_preads(paths: Sequence[str | os.PathLike[str]], jobs: list[ReadJob]) -> None:
+    """Run ``plan_file_preads``'s jobs on pyckpt's number of I/O threads."""
     from pyckpt._env import io_threads
 
-    _, jobs = state
-    fd = os.open(checkpoint.pt_path, os.O_RDONLY)
+    fds = [os.open(path, os.O_RDONLY) for path in paths]
     try:
 
         def read(job: ReadJob) -> None:
-            offset, dest = job
+            file, offset, dest = job
             while dest:  # preadv may return short
-                count = os.preadv(fd, [dest], offset)
+                count = os.preadv(fds[file], [dest], offset)
                 if count == 0:
-                    raise EOFError(f"file ends before offset {offset}")
+                    raise EOFError(f"{paths[file]} ends before offset {offset}")
                 offset, dest = offset + count, dest[count:]
 
         with ThreadPoolExecutor(max_workers=io_threads()) as pool:
             list(pool.map(read, jobs))
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
+
+
+def plan_pread(checkpoint: Checkpoint) -> tuple[nn.Module, list[ReadJob]]:
+    """The model, and the pt file's preads into it."""
+    model = build_model(checkpoint.config)
+    return model, plan_file_preads(model, [checkpoint.pt_path])
+
+
+def pread_into_model(checkpoint: Checkpoint, state: tuple[nn.Module, list[ReadJob]]) -> None:
+    read_file_preads([checkpoint.pt_path], state[1])
 
 
 # ---------------------------------------------------------------- the rows
