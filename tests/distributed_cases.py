@@ -452,11 +452,10 @@ CASES = [function for name, function in list(globals().items()) if name.startswi
 CUDA_CASES = [function for name, function in list(globals().items()) if name.startswith("cuda_")]
 
 
-def worker(rank: int, world: int, port: int, backend: str, work: str, results: str, on_cuda: bool = False) -> None:
-    """Every case (``on_cuda``: every CUDA case, on cuda:0) on this rank of a gloo group."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank: int, world: int, store: str, backend: str, work: str, results: str, on_cuda: bool = False) -> None:
+    """Every case (``on_cuda``: every CUDA case, on cuda:0) on this rank of a gloo group that
+    meets through the file ``store`` (no port to race another process for)."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     if on_cuda:
         torch.cuda.set_device(0)
     expected = reference(work)

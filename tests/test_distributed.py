@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import pytest
@@ -43,36 +42,21 @@ def spawn_group(files: str, work: str, backend: str, world: int, on_cuda: bool =
     """Run every case (or every CUDA case) on a spawned gloo group; what each rank reported."""
     for name in os.listdir(files):
         os.symlink(os.path.join(files, name), os.path.join(work, name))
-    for attempt in range(3):  # the free port can be taken by another process before rank 0 binds it
-        context = mp.start_processes(
-            worker, args=(world, _free_port(), backend, work, work, on_cuda), nprocs=world, join=False, start_method="spawn"
-        )
-        try:
-            _join(context, world)
-            break
-        except mp.ProcessRaisedException as exc:
-            if "address already in use" not in str(exc).lower() or attempt == 2:
-                raise
-    ranks = []
-    for rank in range(world):
-        with open(os.path.join(work, f"rank{rank}.json")) as f:
-            ranks.append(json.load(f))
-    return {"world": world, "backend": backend, "ranks": ranks}
-
-
-def _join(context: mp.ProcessContext, world: int) -> None:
+    context = mp.start_processes(
+        worker, args=(world, os.path.join(work, "store"), backend, work, work, on_cuda), nprocs=world, join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the group of {world} rank(s) did not finish within {DEADLINE_S} s: a rank hung")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ranks = []
+    for rank in range(world):
+        with open(os.path.join(work, f"rank{rank}.json")) as f:
+            ranks.append(json.load(f))
+    return {"world": world, "backend": backend, "ranks": ranks}
 
 
 def facts(group: dict, case: str) -> list[dict]:
