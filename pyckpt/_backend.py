@@ -63,9 +63,10 @@ class Backend(Protocol):
         """Tensors for the records it can make in bulk, by ``id(record)`` (others: none)."""
         ...
 
-    def fill_directly(self, source: Source, pairs: list[tuple[TensorRecord, torch.Tensor]]) -> list[bool]:
-        """Read each raw stored record straight into its host target where it fits as it is;
-        one flag per pair (False: left for the caller's one-by-one path)."""
+    def fill_directly(self, files: list[tuple[Source, list[FillPair]]]) -> list[list[bool]]:
+        """Read each raw stored record straight into its host target where it fits as it is,
+        every file's reads in one pool; per file, one flag per pair (False: left for the
+        caller's one-by-one path). A read error names its file."""
         ...
 
     def crc32_ranges(self, source: Source, ranges: list[tuple[int, int]]) -> list[int]:
@@ -85,6 +86,8 @@ class Backend(Protocol):
         ...
 
 
+# A record and the host tensor its bytes may go straight into.
+FillPair = tuple["TensorRecord", "torch.Tensor"]
 # (offset, element count, source dtype name, target dtype name, destination bytes)
 CastJob = tuple[int, int, str, str, "torch.Tensor"]
 
@@ -116,8 +119,8 @@ class _SharedPaths:
     ) -> dict[int, torch.Tensor]:
         return {}  # the object builder makes each tensor itself
 
-    def fill_directly(self, source: Source, pairs: list[tuple[TensorRecord, torch.Tensor]]) -> list[bool]:
-        return [False] * len(pairs)  # module_loading fills them one by one
+    def fill_directly(self, files: list[tuple[Source, list[FillPair]]]) -> list[list[bool]]:
+        return [[False] * len(pairs) for _, pairs in files]  # model_fill fills them one by one
 
 
 class PythonBackend(_SharedPaths):
@@ -216,16 +219,15 @@ class NativeBackend(_SharedPaths):
             return {}
         return {id(record): tensor for record, tensor in zip(plain, made)}
 
-    def fill_directly(self, source: Source, pairs: list[tuple[TensorRecord, torch.Tensor]]) -> list[bool]:
-        from .index.source import FileSource
+    def fill_directly(self, files: list[tuple[Source, list[FillPair]]]) -> list[list[bool]]:
+        from .index.native_bridge import native_source
         from .sinks.torch_values import torch_dtypes
 
         tensors = tensors_module()
         if tensors is None:
-            return super().fill_directly(source, pairs)
-        if isinstance(source, FileSource):
-            return list(tensors.fill_fd(source.fd, source.size, pairs, torch_dtypes(), io_threads()))
-        return list(tensors.fill_buffer(source.buffer(), pairs, torch_dtypes(), io_threads()))
+            return super().fill_directly(files)
+        native = [(native_source(source), source.size, pairs, source.display) for source, pairs in files]
+        return tensors.fill_directly(native, torch_dtypes(), io_threads())
 
     def zip_entries(self, source: Source) -> Mapping[str, ZipEntry]:
         from .index.native_bridge import zip_entries

@@ -4,13 +4,15 @@ A parameter or buffer of the checkpoint's shape, dtype and plain layout, owned b
 that loads its state as ``nn.Module`` does, is filled where it lies: host memory by
 (parallel) reads, CUDA memory through the native pinned ring, other float dtypes cast on
 the way. DTensor targets get only this rank's box. Everything else is left to the caller's
-staged path, which ``load_state_dict`` then copies as torch would.
+staged path, which ``load_state_dict`` then copies as torch would. A checkpoint of several
+files (shards) is planned as one: its host reads run in one pool. Keys the model ties to one
+memory are filled as torch's copies would leave them (see tied_targets).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,10 +24,12 @@ from .execute.cpu import CopyJob
 from .execute.device import ring_capable, ring_module
 from .execute.fill_jobs import FillJobs
 from .float_cast import CAST_SOURCES, CAST_TARGETS
+from .errors import CheckpointError
 from .index.checkpoint import CheckpointIndex
 from .index.records import METHOD_STORED, ParameterRecord, TensorRecord
 from .plan import check_view
 from .sinks.torch_values import same_dtype, takes_bytes_as_they_are
+from .tied_targets import TiedKeys, tied_keys
 
 
 # Modules whose own _load_from_state_dict only adds or adjusts bookkeeping entries and then
@@ -55,49 +59,101 @@ class DirectFill:
         self.own.run(index.source, backend, self.ring)
 
 
-def plan_direct_fill(
-    index: CheckpointIndex,
-    state_dict: Mapping[str, Any],
+def plan_direct_fills(
+    files: Sequence[tuple[CheckpointIndex, Mapping[str, Any]]],
     targets: Mapping[str, Any],
     model: nn.Module,
     backend: Any,
     *,
     assign: bool,
     for_group: bool = False,
-) -> DirectFill:
-    """The entries that go straight into the model's memory, and the jobs that fill it.
-    ``for_group``: a process group will share the jobs out, so nothing is read now (the
-    native backend otherwise checks and reads plain host targets at once, in one call), and
+) -> list[DirectFill]:
+    """For each file of a checkpoint (one file, or every shard with its part of the state
+    dict), the entries that go straight into the model's memory and the jobs that fill it.
+    The plain host targets of every file are checked and read at once by one native call,
+    whose threads run through the files' reads as through one file's.
+    ``for_group``: a process group will share the jobs out, so nothing is read now, and
     DTensor boxes are shared too: the group's ranks hold the same ones (the replicas of TP x DP
     or HSDP), which the group checks by comparing every rank's planned reads."""
     owners = owners_allowing_direct_fill(model)
     on_cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in targets.values())
     ring = ring_module() if on_cuda and backend.name == "native" else None
-    jobs = FillJobs()
-    own = FillJobs()
-    filled: dict[str, torch.Tensor] = {}
-    scheduled: set[tuple[Any, ...]] = set()
-    boxes: dict[tuple[Any, ...], torch.Tensor] = {}  # DTensor local tensors planned, by what fills them
-    candidates = []
-    for name, value in state_dict.items():
+    tied = tied_keys(targets, {name: _shape(value) for _, part in files for name, value in part.items()}, owners,
+                     assign=assign)
+    plans = []
+    for index, part in files:
+        plan = _FilePlan(index, DirectFill({}, ring=ring))
+        try:
+            _collect(plan, part, targets, owners, tied, assign=assign, for_group=for_group)
+        except CheckpointError as exc:
+            raise exc.located(path=index.display)
+        plans.append(plan)
+    # Host targets of raw stored records, of every file: checked and read in one native call
+    # (the rest, or all of them without the native extension, one by one below).
+    bulk = [[(record, target) for _, record, target in plan.candidates if target.device.type == "cpu"] for plan in plans]
+    try:
+        done = backend.fill_directly([(plan.index.source, pairs) for plan, pairs in zip(plans, bulk)]) \
+            if any(bulk) and not for_group else [[False] * len(pairs) for pairs in bulk]
+    except CheckpointError as exc:
+        raise exc.located(path=plans[0].index.display if len(plans) == 1 else None)
+    for plan, flags in zip(plans, done):
+        try:
+            _plan_one_by_one(plan, iter(flags), ring)
+        except CheckpointError as exc:
+            raise exc.located(path=plan.index.display)
+    # A key tied to a later one is left as that one's bytes leave it (see tied_targets); if the
+    # later one is not filled here, they all go the staged way, copied in the model's order.
+    filled_anywhere = {name for plan in plans for name in plan.direct.values}
+    for plan in plans:
+        for name in plan.deferred:
+            if tied.later[name] in filled_anywhere:
+                plan.direct.values[name] = targets[name]
+    return [plan.direct for plan in plans]
+
+
+@dataclass
+class _FilePlan:
+    index: CheckpointIndex
+    direct: DirectFill
+    candidates: list[tuple[str, TensorRecord, torch.Tensor]] = field(default_factory=list)
+    boxes: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)  # DTensor local tensors planned
+    deferred: list[str] = field(default_factory=list)  # keys tied to a later key
+
+
+def _collect(plan: _FilePlan, part: Mapping[str, Any], targets: Mapping[str, Any], owners: set[str],
+             tied: TiedKeys, *, assign: bool, for_group: bool) -> None:
+    """Plan this file's DTensor targets, and gather its candidates for a plain fill."""
+    for name, value in part.items():
         target = targets.get(name)
         record = value.data if isinstance(value, ParameterRecord) else value
         owner = name.rsplit(".", 1)[0] if "." in name else ""
-        if type(record) is not TensorRecord:
+        if type(record) is not TensorRecord or name in tied.staged:
+            continue
+        if name in tied.later:
+            plan.deferred.append(name)
             continue
         if is_dtensor(target):  # this rank's shard only, in place or into a DTensor like it
-            value = plan_dtensor_fill(name, record, target, owner in owners and not assign, jobs if for_group else own, ring, boxes)
-            if value is not None:
-                filled[name] = value
+            jobs = plan.direct.shared if for_group else plan.direct.own
+            filled = plan_dtensor_fill(name, record, target, owner in owners and not assign, jobs, plan.direct.ring, plan.boxes)
+            if filled is not None:
+                plan.direct.values[name] = filled
         elif not assign and owner in owners and type(target) in (torch.Tensor, nn.Parameter):
-            candidates.append((name, record, target))
-    # Host targets of raw stored records: checked and read in one native call (the rest, or
-    # all of them without the native extension, one by one below).
-    on_host = [target.device.type == "cpu" for _, _, target in candidates]
-    bulk = [(record, target) for (_, record, target), host in zip(candidates, on_host) if host]
-    done = iter(backend.fill_directly(index.source, bulk) if bulk and not for_group else [False] * len(bulk))
-    for (name, record, target), host in zip(candidates, on_host):
-        if host and next(done):
+            plan.candidates.append((name, record, target))
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    record = value.data if isinstance(value, ParameterRecord) else value
+    return record.size if type(record) is TensorRecord else None
+
+
+def _plan_one_by_one(plan: _FilePlan, done: Iterator[bool], ring: Any) -> None:
+    """The candidates the bulk read did not take: cast on the way, read one by one on the
+    host (without the native extension), or through the CUDA ring."""
+    jobs, filled = plan.direct.shared, plan.direct.values
+    scheduled: set[tuple[Any, ...]] = set()
+    for name, record, target in plan.candidates:
+        on_host = target.device.type == "cpu"
+        if on_host and next(done):
             filled[name] = target
             continue
         if _cast_fillable(record, target):
@@ -113,7 +169,6 @@ def plan_direct_fill(
             continue
         if not fillable(record, target):
             continue
-        on_host = target.device.type == "cpu"
         if not on_host and not (ring is not None and target.device.type == "cuda" and ring_capable(record.storage)):
             continue
         check_view(record, name)
@@ -129,7 +184,6 @@ def plan_direct_fill(
             jobs.host.append(CopyJob(record.storage, start, dest))
         else:
             jobs.add_device(target.device, (record.storage.data_offset + start, dest.numel(), dest, 0))
-    return DirectFill(filled, jobs, own, ring)
 
 
 def _cast_fillable(record: TensorRecord, target: Any) -> bool:

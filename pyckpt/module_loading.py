@@ -33,7 +33,7 @@ from .index.dcp_format import is_dcp_directory
 from .index.policy import UNKNOWN_OPAQUE, policy_for
 from .index.sharded import ShardedCheckpoint, checkpoint_files
 from .index.source import FileArg
-from .model_fill import plan_direct_fill
+from .model_fill import plan_direct_fills
 from .plan import plan_storages
 from .rename import find_state_dict, rename_state_dict, strip_auto
 from .sinks.model_driver import load_into_model
@@ -117,17 +117,14 @@ def _load_state_dict(
             state_dict = rename_state_dict(found, key_matcher(found, targets), module_map=module_matcher(model))
         except CheckpointError as exc:
             raise exc.located(path=indexes[0].display if sharded is None else sharded.index_path)
-        parts = []
-        for index in indexes:
+        parts = [
             # This file's part of the (renamed) state dict: renaming keeps the key order.
-            part = state_dict if sharded is None else type(state_dict)(
-                (new, value) for (new, value), owner in zip(state_dict.items(), owners) if owner is index
-            )
-            try:
-                direct = plan_direct_fill(index, part, targets, model, backend, assign=assign, for_group=session is not None)
-            except CheckpointError as exc:
-                raise exc.located(path=index.display)
-            parts.append((index, part, direct))
+            (index, state_dict if sharded is None else type(state_dict)(
+                (new, value) for (new, value), owner in zip(state_dict.items(), owners) if owner is index))
+            for index in indexes
+        ]
+        directs = plan_direct_fills(parts, targets, model, backend, assign=assign, for_group=session is not None)
+        parts = [(index, part, direct) for (index, part), direct in zip(parts, directs)]
         if session is not None:  # the ranks split the reads of what every rank holds alike
             session.share([(index.source, fingerprint(index)) for index in indexes], [d.shared for _, _, d in parts],
                           ring=next((d.ring for _, _, d in parts if d.ring is not None), None))

@@ -382,6 +382,21 @@ def test_ops_load_into_fills_in_place(checkpoints: dict[str, str]) -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
 
 
+@pytest.mark.parametrize("last", ["head.weight", "embed.weight"])
+def test_ops_load_into_tied_targets_end_with_the_last_ones_bytes(tmp_path, last: str) -> None:
+    """Two targets that are one memory, and different bytes under their keys (the file holds
+    head first, transposed, so it is copied while embed is read straight in): the memory ends
+    as copies in the dict's order leave it, the last key's bytes."""
+    torch.manual_seed(6)
+    state = {"head.weight": torch.randn(32, 64).t(), "embed.weight": torch.randn(64, 32), "bias": torch.randn(64)}
+    path = str(tmp_path / "untied.pt")
+    torch.save(state, path)
+    tied, bias = torch.zeros(64, 32), torch.zeros(64)
+    first = "embed.weight" if last == "head.weight" else "head.weight"
+    assert torch.ops.pyckpt.load_into(path, {first: tied, "bias": bias, last: tied}) == []
+    assert torch.equal(tied, state[last]) and torch.equal(bias, state["bias"])
+
+
 def test_ops_load_into_casts_and_fills_strided_targets(checkpoints: dict[str, str]) -> None:
     """Targets that cannot take the file's bytes as they are (another dtype, a transposed
     layout, a view into a bigger tensor) are filled by copy_, as load_state_dict would."""

@@ -124,6 +124,67 @@ def test_writes_into_existing_parameter_memory(backend, tmp_path):
     assert target.head.weight is target.embed.weight  # the model's own tying is untouched
 
 
+def _untied_checkpoint(winner: str) -> dict[str, torch.Tensor]:
+    """A state dict of factory.Net whose two tied keys hold different bytes, head first: the
+    checkpoint's order is not the model's, where embed comes first and head's copy lands last."""
+    state = dict(factory.seeded_net(seed=4).state_dict())
+    torch.manual_seed(5)
+    head = torch.randn(16, 8)
+    if winner == "staged":  # head stored as a transposed view: torch's copy_, not a direct fill
+        head = torch.randn(8, 16).t()
+    elif winner == "filled, the other staged":  # embed copied by torch's copy_, head filled directly
+        state["embed.weight"] = torch.randn(8, 16).t()
+    elif winner == "wrong shape":  # torch refuses the loser: size mismatch for embed.weight
+        state["embed.weight"] = torch.randn(16, 4)
+    return {"head.weight": head, **{k: v for k, v in state.items() if k != "head.weight"}}
+
+
+@pytest.mark.parametrize(
+    "layout, winner",
+    [(layout, winner) for layout in ("pt", "safetensors", "shards", "dcp") for winner in ("filled", "wrong shape")]
+    + [("pt", "staged"), ("pt", "filled, the other staged")],  # safetensors stores contiguous tensors only
+)
+def test_keys_tied_in_the_model_end_with_torchs_last_copy(backend, tmp_path, layout, winner):
+    """Different bytes under two keys the model ties: torch copies in the model's order, so the
+    later key's bytes stay, whatever order the file holds them in and whichever file holds them."""
+    from safetensors.torch import save_file
+    from sharded_cases import write_sharded
+
+    state = _untied_checkpoint(winner)
+    if layout == "pt":
+        path = factory.save(state, tmp_path / "untied.pt")
+    elif layout == "safetensors":
+        path = str(tmp_path / "untied.safetensors")
+        save_file(state, path)
+    elif layout == "dcp":
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+            dcp.save(state, checkpoint_id=str(tmp_path / "dcp"))
+        path = tmp_path / "dcp"
+    else:  # head.weight alone in the first shard, embed.weight in the last
+        keys = list(state)
+        write_sharded(tmp_path / "m", state, shard_keys=[keys[:1], keys[1:-1], keys[-1:]], kinds=["safetensors"] * 3)
+        path = tmp_path / "m"
+    expected, got = fresh_net(), fresh_net()
+    if winner == "wrong shape":
+        with pytest.raises(RuntimeError) as torch_error:
+            expected.load_state_dict(state)
+        with pytest.raises(RuntimeError) as ours:
+            pyckpt.load_state_dict(got, path)
+        assert "size mismatch for embed.weight" in str(ours.value)
+        assert str(ours.value) == str(torch_error.value)
+        return
+    expected.load_state_dict(state)
+    assert torch.equal(expected.embed.weight, state["head.weight"])  # the oracle: head's copy stays
+    pyckpt.load_state_dict(got, path)
+    assert_models_equal(expected, got)
+    assert got.head.weight is got.embed.weight
+
+
 @pytest.mark.parametrize("variant", ["file", "deflate", "buffer"])
 def test_direct_fill_never_copies_the_checkpoint_in_ram(backend, tmp_path, monkeypatch, variant):
     """No tensor the size of a parameter is allocated on the way, even where nothing can be mapped."""

@@ -141,3 +141,27 @@ def test_inspect_and_verify_a_sharded_directory(backend, tmp_path):
     rewrite_index(index, lambda d: d["weight_map"].update({"module.ghost": d["weight_map"]["module.scale"]}))
     report = verify_checkpoint(tmp_path / "m")
     assert not report.ok and "'module.ghost'" in report.problems[0]
+
+
+def test_a_shard_that_shrinks_before_its_read_is_named(backend, tmp_path, monkeypatch):
+    """The shards' reads run as one pool; an error in one of them still names its file."""
+    import pyckpt.model_fill as model_fill
+
+    source = factory.seeded_net(seed=1)
+    state_dict = factory.dp_state_dict(source)
+    write_sharded(tmp_path / "m", state_dict, shard_keys=_thirds(list(state_dict)), kinds=["safetensors"] * 3)
+    shrinking = str(tmp_path / "m" / "model-00002-of-00003.safetensors")
+    indexed = model_fill.owners_allowing_direct_fill
+
+    with open(shrinking, "rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+
+    def shrink_then_plan(model):  # planning starts once every shard is indexed, before any read
+        os.truncate(shrinking, data_start + 4)  # every tensor of the shard is cut short
+        return indexed(model)
+
+    monkeypatch.setattr(model_fill, "owners_allowing_direct_fill", shrink_then_plan)
+    with pytest.raises(pyckpt.CheckpointError, match="file shrank while being read") as error:
+        pyckpt.load_state_dict(factory.seeded_net(seed=2), tmp_path / "m")
+    assert error.value.path == shrinking
+    assert str(error.value).startswith(shrinking + ": ")

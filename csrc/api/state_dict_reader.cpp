@@ -11,9 +11,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <regex>
 #include <thread>
+#include <tuple>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -29,6 +31,25 @@ namespace pyckpt {
 namespace {
 
 int reader_threads() { return static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 8u)); }
+
+// Every file's reads as one pool (see parallel_read), so a directory of shards reads as one
+// file of the same bytes does; an error names the shard it came from.
+void read_files(const CheckpointContents& contents, std::vector<std::vector<ReadJob>> reads) {
+  std::vector<SourceReads> sources;
+  std::vector<size_t> file_of;
+  for (size_t file = 0; file < contents.files.size(); ++file) {
+    if (reads[file].empty()) continue;
+    sources.push_back({&contents.source(file), std::move(reads[file])});
+    file_of.push_back(file);
+  }
+  try {
+    parallel_read(sources, reader_threads());
+  } catch (const SourceReadError& error) {
+    if (contents.files.size() == 1) throw CheckpointError(error);
+    throw CheckpointError(error.kind(), "shard '" + contents.files[file_of[error.source()]]->path() + "': " +
+                          error.message(), error.record());
+  }
+}
 
 std::string without_prefix(std::string key, const std::string& prefix) {
   return key.compare(0, prefix.size(), prefix) == 0 ? key.substr(prefix.size()) : key;
@@ -101,8 +122,8 @@ std::unordered_map<std::string, at::Storage> read_storages(const CheckpointConte
     }
     storages.emplace(key, bytes.storage());
   }
+  read_files(contents, std::move(reads));
   for (size_t file = 0; file < contents.files.size(); ++file) {
-    if (!reads[file].empty()) parallel_read(contents.source(file), reads[file], reader_threads());
     if (!pieces[file].empty()) copy_through_ring(contents.source(file), pieces[file], RingConfig{}, *options.device);
   }
   return storages;
@@ -202,18 +223,33 @@ std::vector<std::string> load_into(const std::string& path, c10::Dict<std::strin
     std::vector<std::unordered_map<c10::Device, std::vector<DevicePiece>>> pieces(contents.files.size());
     std::vector<std::pair<at::Tensor, size_t>> copies;
     std::vector<std::string> missing;
+    // Each target's checkpoint tensor, in the dict's order; the keys the checkpoint lacks.
+    std::vector<std::pair<std::string, size_t>> found;
     for (const auto& item : targets) {
       auto exact = by_name.find(item.key());
       auto canonical = by_canonical.find(strip_auto(item.key()));
       if (exact == by_name.end() && canonical == by_canonical.end()) {
         missing.push_back(item.key());
-        continue;
+      } else {
+        found.emplace_back(item.key(), exact != by_name.end() ? exact->second : canonical->second);
       }
-      const size_t index = exact != by_name.end() ? exact->second : canonical->second;
+    }
+    // Targets that are one memory (tied weights) take only the last one's bytes, as copies in
+    // the dict's order would leave them; reading them all at once would race.
+    using Memory = std::tuple<int, int, const void*, int64_t>;
+    auto memory_of = [](const at::Tensor& t) -> Memory {
+      return {static_cast<int>(t.device().type()), t.device().index(), t.data_ptr(), static_cast<int64_t>(t.nbytes())};
+    };
+    std::map<Memory, std::string> last_of_memory;
+    for (const auto& [key, index] : found) {
+      if (targets.at(key).numel() > 0) last_of_memory[memory_of(targets.at(key))] = key;
+    }
+    for (const auto& [key, index] : found) {
       const TensorSpec& tensor = contents.tensors[index].second;
-      at::Tensor target = item.value();
-      TORCH_CHECK(target.sizes().vec() == tensor.size, "pyckpt: ", path, ": key '", item.key(), "' has shape ",
+      at::Tensor target = targets.at(key);
+      TORCH_CHECK(target.sizes().vec() == tensor.size, "pyckpt: ", path, ": key '", key, "' has shape ",
                   at::IntArrayRef(tensor.size), " in the checkpoint and ", target.sizes(), " in the target");
+      if (target.numel() > 0 && last_of_memory.at(memory_of(target)) != key) continue;
       const StoragePlace& place = contents.storages.at(tensor.storage);
       const uint64_t width = c10::elementSize(tensor.dtype);
       const uint64_t nbytes = static_cast<uint64_t>(target.numel()) * width;
@@ -233,9 +269,7 @@ std::vector<std::string> load_into(const std::string& path, c10::Dict<std::strin
             {offset, nbytes, target.detach().view({-1}).view(at::kByte), 0});
       }
     }
-    for (size_t file = 0; file < contents.files.size(); ++file) {
-      if (!reads[file].empty()) parallel_read(contents.source(file), reads[file], reader_threads());
-    }
+    read_files(contents, std::move(reads));
     for (size_t file = 0; file < contents.files.size(); ++file) {
       for (const auto& [device, device_pieces] : pieces[file]) {
         copy_through_ring(contents.source(file), device_pieces, RingConfig{}, device);

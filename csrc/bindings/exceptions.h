@@ -18,14 +18,15 @@ inline pybind11::object decode_record_name(const std::string& raw) {
   return pybind11::module_::import("pyckpt.index.zip_index").attr("decode_name")(pybind11::bytes(raw));
 }
 
-inline void raise_checkpoint_error(const CheckpointError& error) {
+// `path`: the file the error is from, where the caller knows it (None otherwise).
+inline void raise_checkpoint_error(const CheckpointError& error, pybind11::handle path = pybind11::none()) {
   namespace py = pybind11;
   const char* class_name = error.kind() == ErrorKind::kUnsafe      ? "UnsafeCheckpointError"
                            : error.kind() == ErrorKind::kTruncated ? "TruncatedCheckpointError"
                                                                    : "CheckpointError";
   py::object cls = py::module_::import("pyckpt.errors").attr(class_name);
   py::object record = error.record().empty() ? py::none() : decode_record_name(error.record());
-  py::object instance = cls(decode_record_name(error.message()), py::arg("record") = record);
+  py::object instance = cls(decode_record_name(error.message()), py::arg("record") = record, py::arg("path") = path);
   PyErr_SetObject(cls.ptr(), instance.ptr());
 }
 

@@ -11,9 +11,11 @@
 
 #include "bindings/buffer_view.h"
 #include "bindings/exceptions.h"
+#include "bindings/source_arg.h"
 #include "bindings/direct_load.h"
 #include "core/byte_source.h"
 #include "core/error.h"
+#include "io/parallel_read.h"
 #include "materialize/host_tensors.h"
 
 namespace py = pybind11;
@@ -162,23 +164,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pyckpt::bindings::BufferView view = pyckpt::bindings::view_of(buffer);
     return pyckpt::bindings::load_direct(pyckpt::MemorySource(view.data, view.size), py::none(), tables, threads);
   });
-  m.def("fill_fd", [](int fd, uint64_t size, const py::list& pairs, const py::dict& dtypes, int threads) {
-    std::vector<mt::DirectFill> fills;
-    std::vector<bool> filled = direct_fills(pairs, dtypes, &fills);
-    {
-      py::gil_scoped_release release;
-      mt::fill_directly(pyckpt::FdSource(fd, size), fills, threads);
+  // files: [(source, size, pairs, display)], source an fd or a buffer (see source_arg.h).
+  // One flag list per file; a read error names its file by display.
+  m.def("fill_directly", [](const py::list& files, const py::dict& dtypes, int threads) {
+    std::vector<pyckpt::bindings::SourceArg> sources;
+    std::vector<mt::SourceFills> fills;
+    sources.reserve(files.size());
+    fills.reserve(files.size());
+    py::list flags;
+    for (py::handle item : files) {
+      auto file = item.cast<py::tuple>();
+      const pyckpt::bindings::SourceArg& source = sources.emplace_back(file[0].cast<py::object>(), file[1].cast<uint64_t>());
+      mt::SourceFills& mine = fills.emplace_back(mt::SourceFills{&source.get(), {}});
+      flags.append(py::cast(direct_fills(file[2].cast<py::list>(), dtypes, &mine.fills)));
     }
-    return filled;
-  });
-  m.def("fill_buffer", [](const py::buffer& buffer, const py::list& pairs, const py::dict& dtypes, int threads) {
-    pyckpt::bindings::BufferView view = pyckpt::bindings::view_of(buffer);
-    std::vector<mt::DirectFill> fills;
-    std::vector<bool> filled = direct_fills(pairs, dtypes, &fills);
-    {
+    try {
       py::gil_scoped_release release;
-      mt::fill_directly(pyckpt::MemorySource(view.data, view.size), fills, threads);
+      mt::fill_directly(fills, threads);
+    } catch (const pyckpt::SourceReadError& error) {
+      pyckpt::bindings::raise_checkpoint_error(error, files[error.source()].cast<py::tuple>()[3]);
+      throw py::error_already_set();
     }
-    return filled;
+    return flags;
   });
 }

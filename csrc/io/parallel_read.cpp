@@ -5,19 +5,45 @@
 #include "core/parallel.h"
 
 namespace pyckpt {
+namespace {
 
-void parallel_read(const ByteSource& source, const std::vector<ReadJob>& jobs, int threads,
-                   uint64_t chunk_bytes) {
-  std::vector<ReadJob> pieces;
-  for (const ReadJob& job : jobs) {
-    source.check_range(job.offset, job.length, "read");
-    for (uint64_t done = 0; done < job.length; done += chunk_bytes) {
-      const uint64_t length = std::min(chunk_bytes, job.length - done);
-      pieces.push_back({job.offset + done, length, job.dest + done});
+struct Piece {
+  size_t source;
+  ReadJob read;
+};
+
+}  // namespace
+
+void parallel_read(const ByteSource& source, const std::vector<ReadJob>& jobs, int threads, uint64_t chunk_bytes) {
+  try {
+    parallel_read(std::vector<SourceReads>{{&source, jobs}}, threads, chunk_bytes);
+  } catch (const SourceReadError& error) {
+    throw CheckpointError(error);  // one source: nothing to say which
+  }
+}
+
+void parallel_read(const std::vector<SourceReads>& sources, int threads, uint64_t chunk_bytes) {
+  std::vector<Piece> pieces;
+  for (size_t s = 0; s < sources.size(); ++s) {
+    for (const ReadJob& job : sources[s].jobs) {
+      try {
+        sources[s].source->check_range(job.offset, job.length, "read");
+      } catch (const CheckpointError& error) {
+        throw SourceReadError(error, s);
+      }
+      for (uint64_t done = 0; done < job.length; done += chunk_bytes) {
+        const uint64_t length = std::min(chunk_bytes, job.length - done);
+        pieces.push_back({s, {job.offset + done, length, job.dest + done}});
+      }
     }
   }
   parallel_for<NoScratch>(pieces.size(), threads, [&](size_t i, NoScratch&) {
-    source.read_into(pieces[i].offset, pieces[i].length, pieces[i].dest);
+    const Piece& piece = pieces[i];
+    try {
+      sources[piece.source].source->read_into(piece.read.offset, piece.read.length, piece.read.dest);
+    } catch (const CheckpointError& error) {
+      throw SourceReadError(error, piece.source);
+    }
   });
 }
 

@@ -3,6 +3,7 @@
 #include <c10/core/CPUAllocator.h>
 
 #include <set>
+#include <tuple>
 #include <utility>
 
 #include "io/parallel_read.h"
@@ -72,17 +73,20 @@ bool fillable(const at::Tensor& target, at::ScalarType dtype, const std::vector<
          target.is_contiguous() && !target.is_conj() && !target.is_neg();
 }
 
-void fill_directly(const ByteSource& source, const std::vector<DirectFill>& fills, int threads) {
-  std::vector<ReadJob> jobs;
-  jobs.reserve(fills.size());
-  std::set<std::pair<const void*, uint64_t>> scheduled;
-  for (const DirectFill& fill : fills) {
-    const uint64_t nbytes = fill.target.nbytes();
-    uint8_t* dest = static_cast<uint8_t*>(fill.target.mutable_data_ptr());
-    if (nbytes == 0 || !scheduled.emplace(dest, fill.file_offset).second) continue;
-    jobs.push_back({fill.file_offset, nbytes, dest});
+void fill_directly(const std::vector<SourceFills>& files, int threads) {
+  std::vector<SourceReads> reads;
+  reads.reserve(files.size());
+  std::set<std::tuple<const void*, size_t, uint64_t>> scheduled;
+  for (size_t file = 0; file < files.size(); ++file) {
+    SourceReads& read = reads.emplace_back(SourceReads{files[file].source, {}});
+    for (const DirectFill& fill : files[file].fills) {
+      const uint64_t nbytes = fill.target.nbytes();
+      uint8_t* dest = static_cast<uint8_t*>(fill.target.mutable_data_ptr());
+      if (nbytes == 0 || !scheduled.emplace(dest, file, fill.file_offset).second) continue;
+      read.jobs.push_back({fill.file_offset, nbytes, dest});
+    }
   }
-  parallel_read(source, jobs, threads);
+  parallel_read(reads, threads);
 }
 
 }  // namespace pyckpt::materialize

@@ -52,8 +52,15 @@ struct DirectFill {
 // this dtype and shape, with no conj/neg bit.
 bool fillable(const at::Tensor& target, at::ScalarType dtype, const std::vector<int64_t>& size);
 
-// Reads every fill on several threads; a target named twice at the same offset (tied
-// weights) is read once.
-void fill_directly(const ByteSource& source, const std::vector<DirectFill>& fills, int threads);
+// One file's fills, for a checkpoint made of several files.
+struct SourceFills {
+  const ByteSource* source;
+  std::vector<DirectFill> fills;
+};
+
+// Reads every file's fills as one pool of pieces on several threads (see parallel_read); a
+// target named twice at the same place of one file (tied weights) is read once. A read error
+// is a SourceReadError naming the file's position in `files`.
+void fill_directly(const std::vector<SourceFills>& files, int threads);
 
 }  // namespace pyckpt::materialize

@@ -46,8 +46,9 @@ struct LoadOptions {
 c10::Dict<std::string, at::Tensor> load_state_dict(const std::string& path, const LoadOptions& options = {});
 
 // Copies each checkpoint tensor into the target of the same (or the same wrapper-free) key,
-// casting as Tensor::copy_ does; a shape mismatch throws. Returns the target keys the
-// checkpoint did not have. `options.device` and `options.mmap` are not used.
+// casting as Tensor::copy_ does; a shape mismatch throws. Targets that are one memory (tied
+// weights) end as copies in the dict's order leave them: the last one's bytes. Returns the
+// target keys the checkpoint did not have. `options.device` and `options.mmap` are not used.
 std::vector<std::string> load_into(const std::string& path, c10::Dict<std::string, at::Tensor> targets,
                                    const LoadOptions& options = {});
 
