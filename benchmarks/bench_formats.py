@@ -1,6 +1,6 @@
 """Formats benchmark: safetensors, sharded Hugging Face directories and DCP, in and out.
 
-    python benchmarks/bench_formats.py [--size-gib 2] [--repeat 3] [--data-dir DIR]
+    python benchmarks/bench_formats.py [--size-gib 2] [--repeat 3] [--warm-rounds 9] [--only ROW ...]
 
 One run, two tables, on the transformer-shaped DataParallel checkpoint of common.py
 (>= 2 GiB, warm page cache), each row in a fresh process:
@@ -10,6 +10,10 @@ One run, two tables, on the transformer-shaped DataParallel checkpoint of common
   safetensors' own load_file + load_state_dict; x baseline below 1 is faster than from pt.
   Each layout also gets its ceiling: a plain 2-thread pread of its tensors' bytes into the
   parameters (planned untimed), which shows what the page cache gives each layout's files.
+  Before each round every input is dropped from the page cache and read back alike, in
+  alternating orders (see common.recache); each ratio is the median of the rounds' own ratios.
+  Each row runs as the first call of a fresh process (serving warm-up), then all rows again in
+  one warm process, round after round (``--warm-rounds``), where the machine's noise is least.
 - conversions by the command line, a whole process each, against cp + fsync of the source:
   pt to safetensors, to sharded safetensors, to DCP; sharded and safetensors back to pt; DCP
   to safetensors, against torch's own recipe for it (dcp_to_torch_save, then safetensors'
@@ -34,7 +38,7 @@ import time
 from pathlib import Path
 
 from bench_convert import fsync_path, run_watched
-from common import CLI_BASELINE_RSS_CODE, DEFAULT_DATA_DIR, MIB, REPO_ROOT, baseline_rss, prepare_checkpoint, text_table, warm_page_cache
+from common import CLI_BASELINE_RSS_CODE, DEFAULT_DATA_DIR, MIB, REPO_ROOT, baseline_rss, prepare_checkpoint, recache, text_table, warm_page_cache
 
 SHARD_SIZE = "500MB"
 TARGET_RSS_MIB = 256
@@ -43,28 +47,42 @@ LOAD_CHILD = r"""
 import sys, time, json
 sys.path.insert(0, "benchmarks")
 import torch, pyckpt
-from bench_load_cpu import model_for
+from bench_load_cpu import model_for, plan_file_preads, read_file_preads
 from common import Checkpoint, check_model
 from pathlib import Path
 checkpoint = Checkpoint.read(Path(sys.argv[1]))
-source, how = sys.argv[2], sys.argv[3]
+rows, rounds = json.loads(sys.argv[2]), int(sys.argv[3])  # rounds 0: each row's first call, timed
 model = model_for(checkpoint)
-if how == "pread":  # the ceiling for these files: each tensor's bytes read into its parameter, untimed planning
-    from bench_load_cpu import plan_file_preads, read_file_preads
-    files = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else [Path(source)]
-    jobs = plan_file_preads(model, files)
-started = time.perf_counter()
-if how == "pread":
-    read_file_preads(files, jobs)
-elif how == "pyckpt":
-    pyckpt.load_state_dict(model, source, strict=False)
-else:
-    from safetensors.torch import load_file
-    model.load_state_dict(load_file(source), strict=False)
-seconds = time.perf_counter() - started
-model.head.weight = model.embed.weight  # safetensors stores the tied weight once
-problems = check_model(model, checkpoint)
-print(json.dumps({"seconds": seconds, "problems": problems}))
+preads = {}  # the ceiling for a layout's files: each tensor's bytes read into its parameter, planned untimed
+for name, (source, how) in rows.items():
+    if how == "pread":
+        files = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else [Path(source)]
+        preads[name] = (files, plan_file_preads(model, files))
+
+def run(name):
+    source, how = rows[name]
+    started = time.perf_counter()
+    if how == "pread":
+        read_file_preads(*preads[name])
+    elif how == "pyckpt":
+        pyckpt.load_state_dict(model, source, strict=False)
+    else:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(source), strict=False)
+    seconds = time.perf_counter() - started
+    model.head.weight = model.embed.weight  # safetensors stores the tied weight once
+    return seconds
+
+times, problems = {name: [] for name in rows}, {}
+for name in rows:  # the first calls: timed when that is the measurement, checked always
+    seconds = run(name)
+    problems[name] = check_model(model, checkpoint)
+    if rounds == 0:
+        times[name].append(seconds)
+for number in range(rounds):  # warm: every row once a round, in alternating orders
+    for name in (list(rows) if number % 2 == 0 else list(rows)[::-1]):
+        times[name].append(run(name))
+print(json.dumps({"times": times, "problems": problems}))
 """
 
 DCP_RECIPE = r"""
@@ -129,12 +147,44 @@ def timed_process(command: list[str], output: Path) -> tuple[float, int]:
     return seconds, peak
 
 
+CEILINGS = {"pt": "2-thread pread of the pt file's tensors (ceiling)",
+            "safetensors": "2-thread pread of the safetensors file's tensors (ceiling)",
+            "sharded safetensors": "2-thread pread of the shards' tensors (ceiling)"}
+
+
+def paired(times: list[float], against: list[float]) -> str:
+    """Median of the rounds' own ratios [their range]: each round's ratio is taken within that
+    round, so the machine's slow drifts cancel."""
+    ratios = sorted(t / b for t, b in zip(times, against))
+    return f"{statistics.median(ratios):.3f} [{ratios[0]:.2f}-{ratios[-1]:.2f}]"
+
+
+def print_load_table(title: str, load_times: dict[str, list[float]]) -> None:
+    baseline = load_times["pyckpt.load_state_dict from pt"]
+
+    def own_ceiling(name: str) -> str:
+        ceiling = CEILINGS.get(name.removeprefix("pyckpt.load_state_dict from "))
+        if not name.startswith("pyckpt.") or ceiling not in load_times:
+            return ""
+        return paired(load_times[name], load_times[ceiling])
+
+    rows = [[name, f"{statistics.median(t):.3f}", f"{(max(t) - min(t)) / statistics.median(t):.0%}",
+             "baseline" if name.endswith("from pt") else paired(t, baseline), own_ceiling(name)]
+            for name, t in load_times.items()]
+    print(f"\n{title}")
+    print("   (x baseline below 1: faster than from the pt file; x own ceiling: over the plain pread of the same")
+    print("   layout's files; both the median of each round's own ratio, with their range)")
+    print("\n".join(text_table(["row", "median s", "spread", "x baseline", "x own ceiling"], rows)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gib", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--only", nargs="*", default=None, help="run only rows whose name contains one of these")
+    parser.add_argument("--warm-rounds", type=int, default=9,
+                        help="rounds of the load rows in one warm process, after the fresh-process rounds (0: none)")
     args = parser.parse_args()
 
     def wanted(name: str) -> bool:
@@ -158,36 +208,32 @@ def main() -> int:
         "2-thread pread of the shards' tensors (ceiling)": (inputs["sharded"], "pread"),
     }
     loads = {name: spec for name, spec in loads.items() if wanted(name) or name.endswith("from pt")}
-    load_times: dict[str, list[float]] = {name: [] for name in loads}
-    for _ in range(args.repeat):
-        for name, (source, how) in loads.items():
-            for path in (source.glob("*") if source.is_dir() else [source]):
-                warm_page_cache(path)
-            done = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(checkpoint.directory), str(source), how],
-                                  capture_output=True, text=True, cwd=REPO_ROOT)
-            if done.returncode != 0:
-                raise RuntimeError(f"{name}: {done.stderr.strip().splitlines()[-1]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            if result["problems"]:
-                raise RuntimeError(f"{name}: wrong result: {result['problems'][:3]}")
-            load_times[name].append(result["seconds"])
-    base = statistics.median(load_times["pyckpt.load_state_dict from pt"])
-    ceilings = {"pt": "2-thread pread of the pt file's tensors (ceiling)",
-                "safetensors": "2-thread pread of the safetensors file's tensors (ceiling)",
-                "sharded safetensors": "2-thread pread of the shards' tensors (ceiling)"}
+    load_inputs = sorted({path for source, _ in loads.values() for path in (source.glob("*") if source.is_dir() else [source])})
 
-    def own_ceiling(name: str) -> str:
-        ceiling = ceilings.get(name.removeprefix("pyckpt.load_state_dict from "))
-        if not name.startswith("pyckpt.") or ceiling not in load_times:
-            return ""
-        return f"{statistics.median(load_times[name]) / statistics.median(load_times[ceiling]):.2f}"
+    def loaded(rows: dict[str, tuple[Path, str]], rounds: int) -> dict[str, list[float]]:
+        done = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(checkpoint.directory),
+                               json.dumps({name: [str(source), how] for name, (source, how) in rows.items()}), str(rounds)],
+                              capture_output=True, text=True, cwd=REPO_ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"{list(rows)}: {done.stderr.strip().splitlines()[-1]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        for name, problems in result["problems"].items():
+            if problems:
+                raise RuntimeError(f"{name}: wrong result: {problems[:3]}")
+        return result["times"]
 
-    rows = [[name, f"{statistics.median(t):.3f}", f"{(max(t) - min(t)) / statistics.median(t):.0%}",
-             "baseline" if name.endswith("from pt") else f"{statistics.median(t) / base:.2f}", own_ceiling(name)]
-            for name, t in load_times.items()]
-    print("\nA. into a built model (x baseline below 1: faster than from the pt file; x own ceiling: this row's time")
-    print("   over the plain pread of the same layout's files, run in the same rounds)")
-    print("\n".join(text_table(["row", "median s", "spread", "x baseline", "x own ceiling"], rows)))
+    fresh: dict[str, list[float]] = {name: [] for name in loads}
+    for round_number in range(args.repeat):
+        # every layout's pages enter the cache alike, anew each round, in alternating orders
+        recache(load_inputs if round_number % 2 == 0 else load_inputs[::-1])
+        for name, spec in loads.items():
+            fresh[name] += loaded({name: spec}, 0)[name]
+    print_load_table("A. into a built model, each row's first call in a fresh process; before each round every input is\n"
+                     "   dropped from the page cache and read back alike, in alternating orders", fresh)
+    if args.warm_rounds:
+        recache(load_inputs)
+        print_load_table(f"A2. into a built model in one warm process: every row once per round, {args.warm_rounds} rounds in\n"
+                         "   alternating orders, after one untimed call each", loaded(loads, args.warm_rounds))
 
     conversions = {
         "cp + fsync": (["cp", str(inputs["pt"]), str(out / "copy.pt")], out / "copy.pt"),
