@@ -36,7 +36,7 @@ from .index.source import BufferSource, FileSource
 from .index.symbols import DType
 from .float_cast import casts
 from .tied_targets import tied_keys
-from .model_fill import owners_allowing_direct_fill
+from .model_fill import owner_of, owners_allowing_direct_fill
 from .module_loading import key_matcher, module_matcher
 from .sinks.model_driver import load_into_model
 from .rename import find_state_dict, rename_state_dict
@@ -89,7 +89,8 @@ def load_dcp_into(
         owners = owners_allowing_direct_fill(model)  # modules that load their state as torch's do
         tensors = {name: value for name, value in renamed.items()
                    if isinstance(value, torch.Tensor) and id(value) in skeleton.tensors}
-        tied = tied_keys(targets, {name: tuple(value.shape) for name, value in tensors.items()}, owners, assign=assign)
+        tied = tied_keys(targets, {name: tuple(value.shape) for name, value in tensors.items()},
+                         lambda name: owner_of(name) in owners, assign=assign)
         fills: list[Fill] = []
         final = type(renamed)()
         for name, value in renamed.items():
@@ -97,8 +98,7 @@ def load_dcp_into(
                 final[name] = value
                 continue
             target = targets.get(name)
-            owner = name.rsplit(".", 1)[0] if "." in name else ""
-            in_place = not assign and owner in owners and name not in tied.staged
+            in_place = not assign and owner_of(name) in owners and name not in tied.staged
             if is_dtensor(target) and tuple(target.shape) == tuple(value.shape):  # this rank's box only
                 box = local_box(target, name)
                 local = box.local if in_place else torch.empty(box.shape, dtype=value.dtype, device=box.local.device)
@@ -106,22 +106,15 @@ def load_dcp_into(
                 final[name] = target if in_place else wrap_local(target, local)
                 continue
             in_place = in_place and _takes_in_place(target, value)
-            if in_place and name in tied.later:  # decided below, once the last key of its group is
-                final[name] = None
+            if in_place and name in tied.later:
+                # Left as its later key's bytes leave it (see tied_targets). That key is filled in
+                # place too: one memory, one shape, and a module that loads plainly, so the same
+                # test holds for it; staged, both would be, and torch copies them in order.
+                final[name] = target
                 continue
             destination = target.detach() if in_place else torch.empty(value.shape, dtype=value.dtype, device=staged_device)
             fills.append((value, destination, (0,) * value.dim()))
             final[name] = target if in_place else destination
-        # A key tied to a later one is left as that one's bytes leave it (see tied_targets);
-        # if the later one is staged, this one is staged too, and torch copies them in order.
-        for name, last in tied.later.items():
-            if name in final and final[name] is None:
-                if final[last] is targets[last]:
-                    final[name] = targets[name]
-                else:
-                    value = tensors[name]
-                    final[name] = torch.empty(value.shape, dtype=value.dtype, device=staged_device)
-                    fills.append((value, final[name], (0,) * value.dim()))
         skeleton.fill(fills, session=session)
     metadata = getattr(renamed, "_metadata", None)
     if metadata is not None:

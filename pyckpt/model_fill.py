@@ -78,8 +78,8 @@ def plan_direct_fills(
     owners = owners_allowing_direct_fill(model)
     on_cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in targets.values())
     ring = ring_module() if on_cuda and backend.name == "native" else None
-    tied = tied_keys(targets, {name: _shape(value) for _, part in files for name, value in part.items()}, owners,
-                     assign=assign)
+    tied = tied_keys(targets, {name: _shape(value) for _, part in files for name, value in part.items()},
+                     lambda name: owner_of(name) in owners, assign=assign)
     plans = []
     for index, part in files:
         plan = _FilePlan(index, DirectFill({}, ring=ring))
@@ -89,13 +89,11 @@ def plan_direct_fills(
             raise exc.located(path=index.display)
         plans.append(plan)
     # Host targets of raw stored records, of every file: checked and read in one native call
-    # (the rest, or all of them without the native extension, one by one below).
+    # (the rest, or all of them without the native extension, one by one below). A read error
+    # names its file already.
     bulk = [[(record, target) for _, record, target in plan.candidates if target.device.type == "cpu"] for plan in plans]
-    try:
-        done = backend.fill_directly([(plan.index.source, pairs) for plan, pairs in zip(plans, bulk)]) \
-            if any(bulk) and not for_group else [[False] * len(pairs) for pairs in bulk]
-    except CheckpointError as exc:
-        raise exc.located(path=plans[0].index.display if len(plans) == 1 else None)
+    done = backend.fill_directly([(plan.index.source, pairs) for plan, pairs in zip(plans, bulk)]) \
+        if any(bulk) and not for_group else [[False] * len(pairs) for pairs in bulk]
     for plan, flags in zip(plans, done):
         try:
             _plan_one_by_one(plan, iter(flags), ring)
@@ -126,7 +124,7 @@ def _collect(plan: _FilePlan, part: Mapping[str, Any], targets: Mapping[str, Any
     for name, value in part.items():
         target = targets.get(name)
         record = value.data if isinstance(value, ParameterRecord) else value
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        owner = owner_of(name)
         if type(record) is not TensorRecord or name in tied.staged:
             continue
         if name in tied.later:
@@ -216,6 +214,11 @@ def _same_layout(record: TensorRecord, target: torch.Tensor) -> bool:
         and not record.metadata
         and not record.storage.byteswap
     )
+
+
+def owner_of(name: str) -> str:
+    """The path of the module a state-dict key belongs to ("" for the root)."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
 
 
 def owners_allowing_direct_fill(model: nn.Module) -> set[str]:

@@ -124,12 +124,11 @@ def _load_state_dict(
             for index in indexes
         ]
         directs = plan_direct_fills(parts, targets, model, backend, assign=assign, for_group=session is not None)
-        parts = [(index, part, direct) for (index, part), direct in zip(parts, directs)]
         if session is not None:  # the ranks split the reads of what every rank holds alike
-            session.share([(index.source, fingerprint(index)) for index in indexes], [d.shared for _, _, d in parts],
-                          ring=next((d.ring for _, _, d in parts if d.ring is not None), None))
+            session.share([(index.source, fingerprint(index)) for index in indexes], [d.shared for d in directs],
+                          ring=next((d.ring for d in directs if d.ring is not None), None))
         filled: dict[str, Any] = {}
-        for index, part, direct in parts:
+        for (index, part), direct in zip(parts, directs):
             try:
                 if session is None:
                     direct.run(index, backend)

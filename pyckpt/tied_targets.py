@@ -12,7 +12,7 @@ model's own ``load_state_dict`` copies them in its order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +27,12 @@ class TiedKeys:
 
 
 def tied_keys(
-    targets: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...] | None], owners: set[str], *, assign: bool
+    targets: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...] | None], loads_plainly: Callable[[str], bool],
+    *, assign: bool,
 ) -> TiedKeys:
     """``shapes``: the checkpoint's keys (renamed to the model's) with each tensor's shape, or
-    None for a value that is not a plain tensor; ``owners``: the modules that load their state
-    as ``nn.Module`` does."""
+    None for a value that is not a plain tensor; ``loads_plainly``: whether a key's module
+    loads its state as ``nn.Module`` does."""
     position = {name: at for at, name in enumerate(targets)}
     by_memory: dict[tuple[Any, ...], list[str]] = {}
     for name in shapes:
@@ -45,7 +46,7 @@ def tied_keys(
             continue
         group.sort(key=position.__getitem__)
         plain = not assign and all(
-            _owner(name) in owners and shapes[name] == tuple(targets[name].shape) for name in group
+            loads_plainly(name) and shapes[name] == tuple(targets[name].shape) for name in group
         )
         if plain:
             tied.later.update((name, group[-1]) for name in group[:-1])
@@ -53,6 +54,3 @@ def tied_keys(
             tied.staged.update(group)
     return tied
 
-
-def _owner(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""

@@ -45,7 +45,7 @@ void read_files(const CheckpointContents& contents, std::vector<std::vector<Read
   try {
     parallel_read(sources, reader_threads());
   } catch (const SourceReadError& error) {
-    if (contents.files.size() == 1) throw CheckpointError(error);
+    if (contents.files.size() == 1) throw;  // with_path names the file
     throw CheckpointError(error.kind(), "shard '" + contents.files[file_of[error.source()]]->path() + "': " +
                           error.message(), error.record());
   }

@@ -15,11 +15,7 @@ struct Piece {
 }  // namespace
 
 void parallel_read(const ByteSource& source, const std::vector<ReadJob>& jobs, int threads, uint64_t chunk_bytes) {
-  try {
-    parallel_read(std::vector<SourceReads>{{&source, jobs}}, threads, chunk_bytes);
-  } catch (const SourceReadError& error) {
-    throw CheckpointError(error);  // one source: nothing to say which
-  }
+  parallel_read(std::vector<SourceReads>{{&source, jobs}}, threads, chunk_bytes);
 }
 
 void parallel_read(const std::vector<SourceReads>& sources, int threads, uint64_t chunk_bytes) {
