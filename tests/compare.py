@@ -27,6 +27,15 @@ def assert_same_tensor(expected: torch.Tensor, got: torch.Tensor, path: str = ""
     assert got.dtype == expected.dtype, f"{where}: dtype {got.dtype} != {expected.dtype}"
     assert got.device == expected.device, f"{where}: device {got.device} != {expected.device}"
     assert got.layout == expected.layout, f"{where}: layout"
+    assert got.is_nested == expected.is_nested, f"{where}: is_nested"
+    if expected.is_nested:
+        # A nested tensor has no one shape or stride (asking raises): compare its per-entry
+        # metadata and its one buffer instead.
+        for what in ("_nested_tensor_size", "_nested_tensor_strides", "_nested_tensor_storage_offsets"):
+            assert torch.equal(getattr(got, what)(), getattr(expected, what)()), f"{where}: nested {what}"
+        assert got.requires_grad == expected.requires_grad, f"{where}: requires_grad"
+        assert torch.equal(storage_bytes(got), storage_bytes(expected)), f"{where}: nested buffer bytes differ"
+        return
     assert got.shape == expected.shape, f"{where}: shape {got.shape} != {expected.shape}"
     assert got.requires_grad == expected.requires_grad, f"{where}: requires_grad"
     if expected.is_quantized:

@@ -38,6 +38,27 @@ def test_legacy_format(backend, tmp_path, case):
     assert_same(torch_load(path), pyckpt.load(path))
 
 
+def _nested_tensors() -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "nested tensors are in prototype stage"
+        ragged = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(1, 3), torch.randn(4, 3)])
+    # What the Python fuzzer found: an entry whose huge size is multiplied by a zero, so it
+    # holds no elements. torch accepts it; sizes, strides and offsets must come back as given.
+    empty_but_huge = torch._nested_view_from_buffer(
+        torch.ones(1), torch.tensor([[2**55, 0]]), torch.tensor([[1, 1]]), torch.tensor([0])
+    )
+    return {"ragged": ragged, "empty_but_huge": empty_but_huge}
+
+
+@pytest.mark.parametrize("mmap", [None, True])
+def test_nested_tensors_keep_their_sizes_strides_and_buffer(backend, tmp_path, mmap):
+    path = factory.save(_nested_tensors(), tmp_path / "nested.pt")
+    expected = torch_load(path)
+    got = pyckpt.load(path, mmap=mmap)
+    assert got["ragged"].is_nested and got["ragged"]._nested_tensor_size().tolist() == [[2, 3], [1, 3], [4, 3]]
+    assert_same(expected, got)
+
+
 def test_buffer_saved_file_uses_archive_folder(backend, tmp_path):
     data = factory.save_to_buffer(factory.views())
     assert zipfile.ZipFile(io.BytesIO(data)).namelist()[0].startswith("archive/")
