@@ -34,7 +34,7 @@ protocol 4 / 5, for opaque mode) plus the small cases of ``tests/attacks.py``.
 
 Exit status: 0 when nothing was found, 1 on a finding (atheris saves the input under
 ``build/fuzz/python/artifacts/``; replay it with ``python tests/fuzz/fuzz_load.py --replay
-FILE``). Other options: ``--seed N``, ``--max-len N``, ``--workdir DIR``, ``--fresh``.
+FILE``). Other options: ``--seed N``, ``--runs N``, ``--max-len N``, ``--workdir DIR``, ``--fresh``.
 """
 
 from __future__ import annotations
@@ -420,6 +420,7 @@ def run_atheris(args: argparse.Namespace, corpus: str, seeds_dir: str, artifacts
         f"-artifact_prefix={artifacts}/",
         "-print_final_stats=1",
         *([f"-seed={args.seed}"] if args.seed else []),
+        *([f"-runs={args.runs}"] if args.runs else []),
         corpus,
         seeds_dir,
     ]
@@ -513,7 +514,7 @@ def run_random(args: argparse.Namespace, corpus: str, seeds_dir: str, artifacts:
         if not _run_one(data, artifacts):
             return 1
         executions += 1
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (args.runs and executions >= args.runs):
         data = bytes(_mutate(bytearray(rng.choice(pool)), rng, pool, tokens))[: args.max_len]
         if not _run_one(data, artifacts):
             return 1
@@ -542,7 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to fuzz (default 60)")
     parser.add_argument("--engine", choices=["auto", "atheris", "random"], default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (0: fresh each run)")
+    parser.add_argument("--runs", type=int, default=0,
+                        help="stop after this many inputs (0: run for --seconds); with --seed and "
+                             "PYTHONHASHSEED fixed, a run from the seeds alone repeats itself")
     parser.add_argument("--max-len", type=int, default=64 << 10)
     parser.add_argument("--workdir", default=os.path.join(ROOT, "build", "fuzz", "python"))
     parser.add_argument("--fresh", action="store_true", help="drop the saved corpus first")

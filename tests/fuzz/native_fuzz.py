@@ -15,7 +15,7 @@ Exit status: 0 when the run found nothing, 1 when it found a crash, sanitizer re
 timeout or out-of-memory (the input is saved under ``build/fuzz/native/artifacts/``; replay
 it with ``python tests/fuzz/native_fuzz.py --replay FILE``), 2 when the build failed.
 
-Other options: ``--engine {auto,libfuzzer,gcc}``, ``--seed N``, ``--max-len N``,
+Other options: ``--engine {auto,libfuzzer,gcc}``, ``--seed N``, ``--runs N``, ``--max-len N``,
 ``--workdir DIR``, ``--fresh`` (start from the seeds only, dropping the saved corpus).
 """
 
@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to fuzz (default 60)")
     parser.add_argument("--engine", choices=["auto", "libfuzzer", "gcc"], default="auto")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0: fresh each run)")
+    parser.add_argument("--runs", type=int, default=0,
+                        help="stop after this many inputs (0: run for --seconds); with --seed, a "
+                             "run from the seeds alone repeats itself")
     parser.add_argument("--max-len", type=int, default=64 << 10)
     parser.add_argument("--workdir", default=os.path.join(ROOT, "build", "fuzz", "native"))
     parser.add_argument("--fresh", action="store_true", help="drop the saved corpus first")
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         f"-artifact_prefix={artifacts}/",
         "-print_final_stats=1",
         *([f"-seed={args.seed}"] if args.seed else []),
+        *([f"-runs={args.runs}"] if args.runs else []),
         corpus,
         seeds,
     ]
