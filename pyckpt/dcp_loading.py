@@ -37,10 +37,10 @@ from .index.symbols import DType
 from .float_cast import casts
 from .tied_targets import tied_keys
 from .model_fill import owner_of, owners_allowing_direct_fill
-from .module_loading import key_matcher, module_matcher
 from .sinks.model_driver import load_into_model
-from .rename import find_state_dict, rename_state_dict
+from .rename import find_state_dict, key_matcher, module_matcher, rename_state_dict
 from .sinks.torch_values import takes_bytes_as_they_are, torch_dtype
+from .source_loading import load_opened
 
 if TYPE_CHECKING:
     from .execute.cooperative import GroupLoad
@@ -322,8 +322,6 @@ def dcp_device(map_location: MapLocation) -> torch.device:
 def _load_chunk(
     place: ChunkPlace, files: dict[str, int], policy: Any, target: DType | None, map_location: MapLocation = "cpu"
 ) -> Any:
-    from .loading import load_opened
-
     fd = files.get(place.file)
     if fd is None:
         fd = files[place.file] = os.open(place.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from contextlib import ExitStack
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from .index.sharded import ShardedCheckpoint, checkpoint_files
 from .index.source import FileArg
 from .model_fill import plan_direct_fills
 from .plan import plan_storages
-from .rename import find_state_dict, rename_state_dict, strip_auto
+from .rename import find_state_dict, key_matcher, module_matcher, rename_state_dict
 from .sinks.model_driver import load_into_model
 from .sinks.objects import build_objects
 
@@ -188,38 +187,3 @@ def _staged(
         if is_dtensor(targets.get(name)) and isinstance(built[name], torch.Tensor):
             built[name] = dtensor_from_full(name, built[name], targets[name])
     return {name: values[name] if name in values else built[name] for name in state_dict}
-
-
-def key_matcher(state_dict: Mapping[str, Any], targets: Mapping[str, Any]):  # type: ignore[no-untyped-def]
-    """Map checkpoint keys onto the model's through wrapper prefixes on either side."""
-    wanted = set(targets)
-    by_canonical: dict[str, str | None] = {}
-    for name in targets:
-        canonical = strip_auto(name)
-        by_canonical[canonical] = None if canonical in by_canonical else name
-
-    def match(name: str) -> str:
-        if name in wanted:
-            return name
-        found = by_canonical.get(strip_auto(name))
-        return found if found is not None else name
-
-    return match
-
-
-def module_matcher(model: nn.Module):  # type: ignore[no-untyped-def]
-    """Map checkpoint module paths (``_metadata``) onto the model's; the innermost wins."""
-    paths = [name for name, _ in model.named_modules()]
-    present = set(paths)
-    by_canonical = {_canonical_module(path): path for path in paths}
-
-    def match(path: str) -> str:
-        if path in present:
-            return path
-        return by_canonical.get(_canonical_module(path), path)
-
-    return match
-
-
-def _canonical_module(path: str) -> str:
-    return strip_auto(path + ".")[:-1] if path else ""

@@ -12,11 +12,14 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from .errors import CheckpointError, KeyCollisionError
 from .index.opaque import Opaque
 from .index.records import is_tensor_like
+
+if TYPE_CHECKING:
+    from torch import nn
 
 LEADING_WRAPPERS = ("module.", "_orig_mod.")
 INNER_WRAPPERS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
@@ -279,3 +282,38 @@ def locate_state_dict(root: Any, key: str | None) -> tuple[Any, dict[str, Any]]:
         )
     what = root.qualified_name if isinstance(root, Opaque) else type(root).__name__
     raise CheckpointError(f"the checkpoint holds a {what}, not a state dict or a pickled module")
+
+
+def key_matcher(state_dict: Mapping[str, Any], targets: Mapping[str, Any]):  # type: ignore[no-untyped-def]
+    """Map checkpoint keys onto the model's through wrapper prefixes on either side."""
+    wanted = set(targets)
+    by_canonical: dict[str, str | None] = {}
+    for name in targets:
+        canonical = strip_auto(name)
+        by_canonical[canonical] = None if canonical in by_canonical else name
+
+    def match(name: str) -> str:
+        if name in wanted:
+            return name
+        found = by_canonical.get(strip_auto(name))
+        return found if found is not None else name
+
+    return match
+
+
+def module_matcher(model: nn.Module):  # type: ignore[no-untyped-def]
+    """Map checkpoint module paths (``_metadata``) onto the model's; the innermost wins."""
+    paths = [name for name, _ in model.named_modules()]
+    present = set(paths)
+    by_canonical = {_canonical_module(path): path for path in paths}
+
+    def match(path: str) -> str:
+        if path in present:
+            return path
+        return by_canonical.get(_canonical_module(path), path)
+
+    return match
+
+
+def _canonical_module(path: str) -> str:
+    return strip_auto(path + ".")[:-1] if path else ""
