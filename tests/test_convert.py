@@ -194,6 +194,24 @@ def test_inspect_json(backend, tmp_path):
     assert sum(d["tensors"] for d in info["dtypes"].values()) == info["tensors"] == len(info["table"])
 
 
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
+def test_inspect_warns_of_compressed_and_notes_unaligned_storages(backend, tmp_path, compression):
+    original = factory.save({f"t{i}": torch.randn(16 + i) for i in range(6)}, tmp_path / "aligned.pt")
+    src = factory.rezip(original, str(tmp_path / "rezipped.pt"), compression)
+    info = json.loads(cli("inspect", src, "--json").stdout)
+    text = cli("inspect", src).stdout
+    if compression == zipfile.ZIP_DEFLATED:
+        assert info["compressed_storages"] == 6 and info["unaligned_storages"] == 0
+        assert "6 compressed storages: they are inflated and read, never mapped" in text
+        assert "not aligned" not in text
+    else:
+        unaligned = sum(1 for offset in storage_data_offsets(src) if offset % 64)
+        assert unaligned > 0  # Python's zipfile leaves no padding, so this file has some
+        assert info["compressed_storages"] == 0 and info["unaligned_storages"] == unaligned
+        assert f"{unaligned} storages are not aligned for a mapping: they are read, not mapped" in text
+        assert "compressed" not in text
+
+
 def test_inspect_truncates_huge_tables(backend, tmp_path):
     src = factory.save(factory.many_tensors(500), tmp_path / "m.pt")
     text = cli("inspect", src).stdout
@@ -244,6 +262,9 @@ def test_exit_codes_and_help(backend, tmp_path):
     for command in ("convert", "inspect", "verify", "demo"):
         text = cli(command, "--help").stdout
         assert "example" in text and "usage" in text
+        if command != "demo":  # every reading command says which layouts it reads
+            flat = " ".join(text.split())
+            assert all(kind in flat for kind in ("legacy", ".safetensors", "sharded model directory", "(DCP)")), command
 
 
 def test_summary_line_and_quiet(backend, tmp_path):

@@ -6,7 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-HELP = "write a checkpoint with renamed keys (pt or safetensors), streaming, with flat memory"
+from ._sources import SOURCES
+
+HELP = "write a checkpoint with renamed keys (pt, safetensors, sharded or DCP), streaming, with flat memory"
 EPILOG = """\
 examples:
   pyckpt convert ddp.pt plain.pt                          # strip module./_orig_mod./FSDP wrappers
@@ -17,9 +19,12 @@ examples:
   pyckpt convert ckpt.pt ckpt.pt --force                  # in place: replaced only when complete
   pyckpt convert ddp.pt hf_dir --max-shard-size 5GB       # sharded safetensors + index.json
   pyckpt convert model.safetensors plain.pt               # safetensors in, pt out
+  pyckpt convert hf_dir merged.pt                         # every shard of a sharded directory
+  pyckpt convert dcp_dir model.safetensors                # a torch.distributed.checkpoint in
+  pyckpt convert ddp.pt dcp_dir --format dcp              # DCP out: dcp.load reads it
   pyckpt convert fp32.pt model.safetensors --dtype bf16   # cast floating-point tensors
 
-Storage bytes are copied as they are (no decode/re-encode), only data.pkl is rewritten;
+Storage bytes are copied as they are (no decode/re-encode; pt output rewrites only data.pkl);
 with --dtype, floating-point storages are cast on the way, a chunk at a time.
 Objects of classes beyond torch's weights_only allowlist (argparse.Namespace, configs,
 pickled modules) are never imported or run: pt output writes them back exactly as read.
@@ -31,8 +36,8 @@ def register(commands: Any) -> None:
     parser = commands.add_parser(
         "convert", help=HELP, description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("src", metavar="SRC", help="checkpoint to read (zip, legacy, TorchScript; never modified)")
-    parser.add_argument("dst", metavar="DST", help="file to write (a directory with --max-shard-size)")
+    parser.add_argument("src", metavar="SRC", help="checkpoint to read, never modified: " + SOURCES)
+    parser.add_argument("dst", metavar="DST", help="file to write (a directory with --max-shard-size or --format dcp)")
     parser.add_argument(
         "--strip-prefix",
         default="auto",

@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from .._units import human_bytes
+from ._sources import SOURCES
 
 HELP = (
     "show format, tensors, dtypes, wrapper prefixes, entries and unknown globals of a checkpoint "
@@ -19,6 +20,7 @@ examples:
   pyckpt inspect ddp.pt            # summary and the first 40 tensors
   pyckpt inspect ddp.pt --all      # every tensor
   pyckpt inspect ddp.pt --json     # one JSON document (schema in the README)
+  pyckpt inspect hf_dir            # a sharded directory: every shard, in the index's order
 """
 
 
@@ -26,7 +28,7 @@ def register(commands: Any) -> None:
     parser = commands.add_parser(
         "inspect", help=HELP, description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("path", metavar="PATH", help="checkpoint to inspect")
+    parser.add_argument("path", metavar="PATH", help="checkpoint to inspect: " + SOURCES)
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument("--all", action="store_true", help="list every tensor (default: the first 40)")
     parser.set_defaults(run=run)
@@ -68,10 +70,15 @@ def render(info: dict[str, Any]) -> str:
     ]
     if info["metadata"]:
         lines.append("  metadata    " + ", ".join(f"{name}={value!r}" for name, value in info["metadata"].items()))
-    if info["compressed_storages"] or info["unaligned_storages"]:
+    if info["compressed_storages"]:
         lines.append(
-            f"  warning     {info['compressed_storages']} compressed and {info['unaligned_storages']} unaligned "
-            "storages: they are read, not mapped (torch.load(mmap=True) would return garbage for compressed ones)"
+            f"  warning     {info['compressed_storages']} compressed storages: they are inflated and read, never "
+            "mapped (torch.load(mmap=True) would return garbage for them)"
+        )
+    if info["unaligned_storages"]:
+        lines.append(
+            f"  note        {info['unaligned_storages']} storages are not aligned for a mapping: they are read, "
+            "not mapped"
         )
     lines.append("  dtypes      " + ", ".join(
         f"{name}: {d['tensors']} ({human_bytes(d['bytes'])})" for name, d in info["dtypes"].items()

@@ -7,11 +7,15 @@ import sys
 from typing import Any
 
 from .._units import human_bytes
+from ._sources import SOURCES
 
 HELP = "parse a checkpoint and check every view and every record's CRC-32 (torch never does)"
 EPILOG = """\
 examples:
   pyckpt verify ckpt.pt      # exit 0 when clean, 1 with a list of problems
+
+Legacy, safetensors and DCP files record no checksums: verify checks their structure, sizes
+and views (and reads every DCP chunk into its tensor), and says so in a note.
 """
 
 
@@ -19,7 +23,7 @@ def register(commands: Any) -> None:
     parser = commands.add_parser(
         "verify", help=HELP, description=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("path", metavar="PATH", help="checkpoint to verify")
+    parser.add_argument("path", metavar="PATH", help="checkpoint to verify: " + SOURCES)
     parser.set_defaults(run=run)
 
 
