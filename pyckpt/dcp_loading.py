@@ -268,17 +268,7 @@ class DcpSkeleton:
 
     def replaced(self, values: dict[int, Any]) -> dict[str, Any]:
         """The tree with each placeholder (by id) replaced by its value."""
-
-        def swap(node: Any) -> Any:
-            if isinstance(node, torch.Tensor):
-                return values.get(id(node), node)
-            if isinstance(node, dict):
-                return {key: swap(item) for key, item in node.items()}
-            if isinstance(node, list):
-                return [swap(item) for item in node]
-            return node
-
-        return swap(self.root)
+        return _swap(self.root, values)
 
     def close(self) -> None:
         for fd in self.files.values():
@@ -294,6 +284,18 @@ class DcpSkeleton:
 
     def __exit__(self, *_: Any) -> None:
         self.close()
+
+
+def _swap(node: Any, values: dict[int, Any]) -> Any:
+    # A function of the module, not a closure calling itself: that closure would be a reference
+    # cycle holding ``values``, every loaded tensor, until the next garbage collection.
+    if isinstance(node, torch.Tensor):
+        return values.get(id(node), node)
+    if isinstance(node, dict):
+        return {key: _swap(item, values) for key, item in node.items()}
+    if isinstance(node, list):
+        return [_swap(item, values) for item in node]
+    return node
 
 
 def _chunk_digest(records: list[StorageRecord]) -> int:

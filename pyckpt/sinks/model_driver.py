@@ -62,6 +62,7 @@ def load_into_model(model: nn.Module, state_dict: Any, *, strict: bool, assign: 
                 )
 
     load(model, state_dict)
+    del load  # as torch does: the closure refers to itself, a cycle the collector would have to break
     if strict:
         if unexpected_keys:
             error_msgs.insert(
