@@ -6,6 +6,7 @@ from collections import OrderedDict
 from typing import Any
 
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 
 def load_into_model(model: nn.Module, state_dict: Any, *, strict: bool, assign: bool) -> Any:
@@ -21,22 +22,44 @@ def load_into_model(model: nn.Module, state_dict: Any, *, strict: bool, assign: 
     """
     if type(model).load_state_dict is not nn.Module.load_state_dict:
         return model.load_state_dict(state_dict, strict=strict, assign=assign)
-    from torch.nn.modules.module import _IncompatibleKeys
-
-    missing_keys: list[str] = []
-    unexpected_keys: list[str] = []
-    error_msgs: list[str] = []
     metadata = getattr(state_dict, "_metadata", None)
     state_dict = OrderedDict(state_dict)
     if metadata is not None:
         state_dict._metadata = metadata  # type: ignore[attr-defined]
+    walk = _ModuleWalk(metadata, assign)
+    walk.load(model, state_dict, "")
+    missing_keys, unexpected_keys, error_msgs = walk.missing_keys, walk.unexpected_keys, walk.error_msgs
+    if strict:
+        if unexpected_keys:
+            error_msgs.insert(
+                0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected_keys))
+            )
+        if missing_keys:
+            error_msgs.insert(0, "Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing_keys)))
+    if error_msgs:
+        raise RuntimeError(
+            "Error(s) in loading state_dict for {}:\n\t{}".format(model.__class__.__name__, "\n\t".join(error_msgs))
+        )
+    return _IncompatibleKeys(missing_keys, unexpected_keys)
 
-    def load(module: nn.Module, local_state_dict: dict[str, Any], prefix: str = "") -> None:
-        local_metadata = {} if metadata is None else metadata.get(prefix[:-1], {})
-        if assign:
-            local_metadata["assign_to_params_buffers"] = assign
+
+class _ModuleWalk:
+    """torch's recursive ``load`` over the module tree, as an object rather than a closure that
+    calls itself: such a closure is a reference cycle left to the garbage collector."""
+
+    def __init__(self, metadata: Any, assign: bool) -> None:
+        self.metadata = metadata
+        self.assign = assign
+        self.missing_keys: list[str] = []
+        self.unexpected_keys: list[str] = []
+        self.error_msgs: list[str] = []
+
+    def load(self, module: nn.Module, local_state_dict: dict[str, Any], prefix: str) -> None:
+        local_metadata = {} if self.metadata is None else self.metadata.get(prefix[:-1], {})
+        if self.assign:
+            local_metadata["assign_to_params_buffers"] = self.assign
         module._load_from_state_dict(
-            local_state_dict, prefix, local_metadata, True, missing_keys, unexpected_keys, error_msgs
+            local_state_dict, prefix, local_metadata, True, self.missing_keys, self.unexpected_keys, self.error_msgs
         )
         children = module._modules
         if children:
@@ -50,8 +73,8 @@ def load_into_model(model: nn.Module, state_dict: Any, *, strict: bool, assign: 
                         by_child.setdefault(name, {})[key] = value
             for name, child in children.items():
                 if child is not None:
-                    load(child, by_child.get(name, {}), prefix + name + ".")
-        incompatible_keys = _IncompatibleKeys(missing_keys, unexpected_keys)
+                    self.load(child, by_child.get(name, {}), prefix + name + ".")
+        incompatible_keys = _IncompatibleKeys(self.missing_keys, self.unexpected_keys)
         for hook in module._load_state_dict_post_hooks.values():
             out = hook(module, incompatible_keys)
             if out is not None:
@@ -60,18 +83,3 @@ def load_into_model(model: nn.Module, state_dict: Any, *, strict: bool, assign: 
                     "expected to return new values, if incompatible_keys need to be modified, "
                     "it should be done inplace."
                 )
-
-    load(model, state_dict)
-    del load  # as torch does: the closure refers to itself, a cycle the collector would have to break
-    if strict:
-        if unexpected_keys:
-            error_msgs.insert(
-                0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected_keys))
-            )
-        if missing_keys:
-            error_msgs.insert(0, "Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing_keys)))
-    if error_msgs:
-        raise RuntimeError(
-            "Error(s) in loading state_dict for {}:\n\t{}".format(model.__class__.__name__, "\n\t".join(error_msgs))
-        )
-    return _IncompatibleKeys(missing_keys, unexpected_keys)
