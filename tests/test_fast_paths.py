@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import pyckpt
-import pyckpt.loading as loading
+import pyckpt.source_loading as source_loading
 from compare import assert_same
 from conftest import EXT_DISABLED
 from pyckpt._backend import current_backend, tensors_module
@@ -38,7 +38,7 @@ def _direct(path, mmap=None):
 def _general(path, monkeypatch, **options):
     """pyckpt.load with the direct load switched off."""
     with monkeypatch.context() as patch:
-        patch.setattr(pyckpt.loading, "cpu_only", lambda map_location: False)
+        patch.setattr(pyckpt.source_loading, "cpu_only", lambda map_location: False)
         return pyckpt.load(path, **options)
 
 
@@ -138,7 +138,7 @@ def test_collector_is_restored_exactly(backend, tmp_path, enabled):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"PK\x03\x04 not a zip")
     seen: list[bool] = []
-    original = loading.rename_tree
+    original = source_loading.rename_tree
 
     def spy(root, key_map, *args):  # runs inside the call
         seen.append(gc.isenabled())
@@ -146,7 +146,7 @@ def test_collector_is_restored_exactly(backend, tmp_path, enabled):
 
     (gc.enable if enabled else gc.disable)()
     try:
-        loading.rename_tree = spy
+        source_loading.rename_tree = spy
         pyckpt.load(path)
         assert seen == [False] and gc.isenabled() is enabled
         with pytest.raises(pyckpt.CheckpointError):
@@ -156,7 +156,7 @@ def test_collector_is_restored_exactly(backend, tmp_path, enabled):
             pyckpt.load_state_dict(nn.Linear(2, 2), bad)
         assert gc.isenabled() is enabled
     finally:
-        loading.rename_tree = original
+        source_loading.rename_tree = original
         gc.enable()
 
 

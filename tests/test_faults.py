@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import pyckpt
-from pyckpt import converting, loading, module_loading, verification
+from pyckpt import converting, loading, module_loading, source_loading, verification
 from pyckpt.execute.direct import load_direct as real_load_direct
 from pyckpt.index import index_checkpoint as real_index_checkpoint
 from pyckpt.index import index_opened as real_index_opened
@@ -42,8 +42,9 @@ def truncated_after_indexing(monkeypatch):
         os.truncate(source.path, source.size // 2)
         return real_load_direct(source, *args, **options)
 
-    monkeypatch.setattr(loading, "index_opened", opened_then_truncating)
-    monkeypatch.setattr(loading, "load_direct", truncating_then_direct)
+    for module in (loading, source_loading):  # one file by source_loading, a process group's by loading
+        monkeypatch.setattr(module, "index_opened", opened_then_truncating)
+    monkeypatch.setattr(source_loading, "load_direct", truncating_then_direct)
 
     # convert reads the zip directory first and starts copying the storages while it
     # indexes: truncated before that copy starts, and (for outputs it writes otherwise)

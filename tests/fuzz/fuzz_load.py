@@ -111,6 +111,7 @@ def _import_pyckpt() -> None:
     import pyckpt.module_loading
     import pyckpt.plan
     import pyckpt.rename
+    import pyckpt.source_loading
     import pyckpt.sinks.objects  # noqa: F401
 
     _state["pyckpt"] = pyckpt
