@@ -26,7 +26,7 @@ from .execute.fill_jobs import FillJobs
 from .float_cast import CAST_SOURCES, CAST_TARGETS
 from .errors import CheckpointError
 from .index.checkpoint import CheckpointIndex
-from .index.records import METHOD_STORED, ParameterRecord, TensorRecord
+from .index.records import METHOD_STORED, TensorRecord, without_parameter
 from .plan import check_view
 from .sinks.torch_values import same_dtype, takes_bytes_as_they_are
 from .tied_targets import TiedKeys, tied_keys
@@ -123,7 +123,7 @@ def _collect(plan: _FilePlan, part: Mapping[str, Any], targets: Mapping[str, Any
     """Plan this file's DTensor targets, and gather its candidates for a plain fill."""
     for name, value in part.items():
         target = targets.get(name)
-        record = value.data if isinstance(value, ParameterRecord) else value
+        record = without_parameter(value)
         owner = owner_of(name)
         if type(record) is not TensorRecord or name in tied.staged:
             continue
@@ -140,7 +140,7 @@ def _collect(plan: _FilePlan, part: Mapping[str, Any], targets: Mapping[str, Any
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
-    record = value.data if isinstance(value, ParameterRecord) else value
+    record = without_parameter(value)
     return record.size if type(record) is TensorRecord else None
 
 

@@ -183,6 +183,11 @@ class ScriptObject:
 TENSOR_REBUILD_PREFIXES = ("torch._utils._rebuild_", "torch._tensor._rebuild_from_type")
 
 
+def without_parameter(value: Any) -> Any:
+    """The value a ``ParameterRecord`` wraps (its tensor record), or the value itself."""
+    return value.data if isinstance(value, ParameterRecord) else value
+
+
 def is_tensor_like(value: Any) -> bool:
     """Whether the value materialises as a tensor (for deciding which mappings are state dicts)."""
     if isinstance(value, (TensorRecord, ParameterRecord)):

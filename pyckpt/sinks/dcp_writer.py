@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..index.checkpoint import CheckpointIndex
 from ..index.opaque import Opaque
-from ..index.records import ParameterRecord, TensorRecord
+from ..index.records import ParameterRecord, TensorRecord, without_parameter
 from .atomic import AtomicDirectory
 from .pickle_writer import PairDict, PickleWriter
 from .pt_writer import WrittenFile, write_pt
@@ -123,7 +123,7 @@ def write_dcp(
         try:
             offset = 0
             for key, value in flat.items():
-                record = value.data if isinstance(value, ParameterRecord) else value
+                record = without_parameter(value)
                 item = write_pt(index, record, fd, "archive", backend, progress, base=offset)
                 if isinstance(record, TensorRecord):
                     requires_grad = value.requires_grad if isinstance(value, ParameterRecord) else record.requires_grad

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from ..index.checkpoint import CheckpointIndex
-from ..index.records import ParameterRecord, StorageRecord, TensorRecord
+from ..index.records import StorageRecord, TensorRecord, without_parameter
 from ..index.safetensors_format import SAFETENSORS_CODES
 from ..plan import check_view
 from .range_copy import Progress, RangeCopy, run_copies
@@ -29,7 +29,7 @@ def tensor_entries(state_dict: dict[str, Any]) -> list[tuple[str, TensorRecord]]
     """The dense tensors to write, or a CheckpointError naming the first that cannot be."""
     entries = []
     for key, value in state_dict.items():
-        record = value.data if isinstance(value, ParameterRecord) else value
+        record = without_parameter(value)
         if not isinstance(record, TensorRecord):
             raise CheckpointError(
                 "is not a dense tensor (quantized, sparse or subclass), which safetensors cannot hold", key=key

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from ..index.checkpoint import CheckpointIndex
-from ..index.records import ParameterRecord, TensorRecord
+from ..index.records import TensorRecord, without_parameter
 from .atomic import AtomicDirectory
 from .pt_writer import WrittenFile, write_pt
 from .safetensors_writer import tensor_entries, write_safetensors
@@ -74,7 +74,7 @@ def _groups(state_dict: dict[str, Any], safetensors: bool) -> list[tuple[list[st
     by_storage: dict[int, tuple[list[str], int]] = {}
     groups: list[tuple[list[str], int]] = []
     for key, value in state_dict.items():
-        record = value.data if isinstance(value, ParameterRecord) else value
+        record = without_parameter(value)
         if not isinstance(record, TensorRecord):
             raise CheckpointError("is not a dense tensor, which a sharded checkpoint cannot hold", key=key)
         storage = record.storage.view_of or record.storage
