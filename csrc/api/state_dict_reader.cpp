@@ -223,15 +223,15 @@ std::vector<std::string> load_into(const std::string& path, c10::Dict<std::strin
     std::vector<std::unordered_map<c10::Device, std::vector<DevicePiece>>> pieces(contents.files.size());
     std::vector<std::pair<at::Tensor, size_t>> copies;
     std::vector<std::string> missing;
-    // Each target's checkpoint tensor, in the dict's order; the keys the checkpoint lacks.
-    std::vector<std::pair<std::string, size_t>> found;
+    // Each target with its checkpoint tensor, in the dict's order; the keys the checkpoint lacks.
+    std::vector<std::tuple<std::string, at::Tensor, size_t>> found;
     for (const auto& item : targets) {
       auto exact = by_name.find(item.key());
       auto canonical = by_canonical.find(strip_auto(item.key()));
       if (exact == by_name.end() && canonical == by_canonical.end()) {
         missing.push_back(item.key());
       } else {
-        found.emplace_back(item.key(), exact != by_name.end() ? exact->second : canonical->second);
+        found.emplace_back(item.key(), item.value(), exact != by_name.end() ? exact->second : canonical->second);
       }
     }
     // Targets that are one memory (tied weights) take only the last one's bytes, as copies in
@@ -241,12 +241,11 @@ std::vector<std::string> load_into(const std::string& path, c10::Dict<std::strin
       return {static_cast<int>(t.device().type()), t.device().index(), t.data_ptr(), static_cast<int64_t>(t.nbytes())};
     };
     std::map<Memory, std::string> last_of_memory;
-    for (const auto& [key, index] : found) {
-      if (targets.at(key).numel() > 0) last_of_memory[memory_of(targets.at(key))] = key;
+    for (const auto& [key, target, index] : found) {
+      if (target.numel() > 0) last_of_memory[memory_of(target)] = key;
     }
-    for (const auto& [key, index] : found) {
+    for (const auto& [key, target, index] : found) {
       const TensorSpec& tensor = contents.tensors[index].second;
-      at::Tensor target = targets.at(key);
       TORCH_CHECK(target.sizes().vec() == tensor.size, "pyckpt: ", path, ": key '", key, "' has shape ",
                   at::IntArrayRef(tensor.size), " in the checkpoint and ", target.sizes(), " in the target");
       if (target.numel() > 0 && last_of_memory.at(memory_of(target)) != key) continue;

@@ -21,6 +21,7 @@ void parallel_read(const ByteSource& source, const std::vector<ReadJob>& jobs, i
 void parallel_read(const std::vector<SourceReads>& sources, int threads, uint64_t chunk_bytes) {
   std::vector<Piece> pieces;
   for (size_t s = 0; s < sources.size(); ++s) {
+    const size_t first = pieces.size();
     for (const ReadJob& job : sources[s].jobs) {
       try {
         sources[s].source->check_range(job.offset, job.length, "read");
@@ -32,6 +33,9 @@ void parallel_read(const std::vector<SourceReads>& sources, int threads, uint64_
         pieces.push_back({s, {job.offset + done, length, job.dest + done}});
       }
     }
+    // Front to back through each file, whatever order the caller's keys gave the jobs.
+    std::stable_sort(pieces.begin() + first, pieces.end(),
+                     [](const Piece& a, const Piece& b) { return a.read.offset < b.read.offset; });
   }
   parallel_for<NoScratch>(pieces.size(), threads, [&](size_t i, NoScratch&) {
     const Piece& piece = pieces[i];

@@ -41,8 +41,8 @@ inline constexpr uint64_t kReadPieceBytes = uint64_t{16} << 20;
 void parallel_read(const ByteSource& source, const std::vector<ReadJob>& jobs, int threads,
                    uint64_t chunk_bytes = kReadPieceBytes);
 
-// Every source's pieces in one pool, in order: the threads stay busy across the files'
-// boundaries, so a checkpoint of N shards costs what one file of the same bytes does instead
+// Every source's pieces in one pool, in order, each source's by file offset: the threads stay
+// busy across the files' boundaries, so a checkpoint of N shards costs what one file of the same bytes does instead
 // of N pools, each ending with idle threads. Errors are SourceReadErrors.
 void parallel_read(const std::vector<SourceReads>& sources, int threads, uint64_t chunk_bytes = kReadPieceBytes);
 

@@ -2,7 +2,6 @@
 
 #include <c10/core/CPUAllocator.h>
 
-#include <algorithm>
 #include <set>
 #include <tuple>
 #include <utility>
@@ -86,9 +85,6 @@ void fill_directly(const std::vector<SourceFills>& files, int threads) {
       if (nbytes == 0 || !scheduled.emplace(dest, file, fill.file_offset).second) continue;
       read.jobs.push_back({fill.file_offset, nbytes, dest});
     }
-    // Front to back through each file, whatever the state dict's key order.
-    std::sort(read.jobs.begin(), read.jobs.end(),
-              [](const ReadJob& a, const ReadJob& b) { return a.offset < b.offset; });
   }
   parallel_read(reads, threads);
 }
